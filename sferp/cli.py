@@ -1,0 +1,6 @@
+"""Command-line entry point."""
+
+
+def main() -> None:
+    """Run the sferp command line."""
+    print("sferp")
