@@ -1,6 +1,104 @@
-"""Command-line entry point."""
+"""The `sferp` command line (CONTRACT §4).
+
+Exit codes: 0 success, 2 bad usage or configuration (one line naming the
+problem), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from sferp.config import ConfigError
+
+USAGE = """sferp <command> [options]
+
+commands:
+  demo       everything embedded: broker, generated streams, flow, views; prints a summary
+  run        run the reconcile flow against Kafka
+  generate   write a synthetic Salesforce + ERP change stream to Kafka or JSONL files
+  query      run a read-only SQL query on the views (works while a flow runs)
+  broker     run the embedded Kafka-compatible broker in the foreground
+  bench      throughput benchmarks
+  plan       capacity planning from benchmark results
+"""
 
 
-def main() -> None:
-    """Run the sferp command line."""
-    print("sferp")
+class _Parser(argparse.ArgumentParser):
+    """argparse that exits 2 with a single line on bad usage."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"sferp {self.prog.split()[-1]}: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def run_parser() -> argparse.ArgumentParser:
+    """Arguments of `sferp run`."""
+    p = _Parser(prog="sferp run", description="Run the reconcile dataflow.")
+    p.add_argument("--config", help="TOML configuration file")
+    p.add_argument("--bootstrap", help="Kafka bootstrap HOST:PORT (overrides kafka.bootstrap)")
+    p.add_argument("--views", help="DuckDB views file (overrides views.path)")
+    p.add_argument("--recovery-dir", help="Bytewax recovery store directory (created when empty)")
+    p.add_argument("--start", choices=["earliest", "latest"], help="where a first run starts")
+    p.add_argument(
+        "--until-caught-up",
+        action="store_true",
+        help="read every partition up to its end at start, flush, exit 0",
+    )
+    p.add_argument("-w", "--workers-per-process", type=int, default=1, help="worker threads")
+    p.add_argument("-i", "--process-id", type=int, help="this process's index in the cluster")
+    p.add_argument("-a", "--addresses", help="all cluster processes: 'host:port;host:port'")
+    p.add_argument("--log-format", choices=["text", "json"], default="text")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the `sferp` console script."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        raise SystemExit(0 if args else 2)
+    cmd, rest = args[0], args[1:]
+    try:
+        code = _dispatch(cmd, rest)
+    except ConfigError as e:
+        print(f"sferp {cmd}: configuration error: {e}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    raise SystemExit(code)
+
+
+def _dispatch(cmd: str, rest: list[str]) -> int:
+    if cmd == "run":
+        from sferp.runner import run_command
+
+        return run_command(run_parser().parse_args(rest))
+    if cmd == "demo":
+        from sferp.demo import cli_demo
+
+        return cli_demo(rest)
+    if cmd == "generate":
+        from sferp.generator import cli_generate
+
+        return cli_generate(rest)
+    if cmd == "query":
+        from sferp.query import cli_query
+
+        return cli_query(rest)
+    if cmd == "broker":
+        from sferp.broker import run_foreground
+
+        p = _Parser(prog="sferp broker", description="Run the embedded broker.")
+        p.add_argument("--port", type=int, default=9092)
+        return run_foreground(p.parse_args(rest).port)
+    if cmd in ("bench", "plan"):
+        try:
+            from sferp.benchmarks.bench import cli_bench, cli_plan
+        except ImportError:
+            print(f"sferp {cmd}: the benchmark suite is not installed yet", file=sys.stderr)
+            return 1
+        return cli_bench(rest) if cmd == "bench" else cli_plan(rest)
+    print(f"sferp: unknown command {cmd!r} (see 'sferp --help')", file=sys.stderr)
+    return 2

@@ -1,0 +1,250 @@
+"""The reconcile dataflow: the composition root that wires operators to connectors.
+
+    Kafka ─► decode+route ─► merge shards ─► orders ─► products ─► skus
+                  │              │             │                   │
+                  └──────────────┴─────────────┴───────────────────┴─► coordinator
+                                                   ├─► DuckDB views
+                                                   └─► reconciled.*, DLQ
+
+Every stateful stage is keyed by a shard id (operators/routing.py) and handles
+a shard's batch at once. The coordinator is the single key where the clock,
+flow_stats and the exceptions meet (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import pickle
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import bytewax.operators as op
+from bytewax.dataflow import Dataflow, Stream
+from bytewax.operators import StatefulBatchLogic
+from sferp.connectors.duckdb_views import DuckDBViewsSink
+from sferp.connectors.kafka import KafkaSink, KafkaSource
+from sferp.operators.coordinator import Coordinator, CoordinatorState, OutputTopics
+from sferp.operators.decode import DecodeConfig, decode_batch
+from sferp.operators.facts import CHANGES, GLOBAL_IN, TICK, GlobalInput
+from sferp.operators.merge import CONSUMED, DEAD, IGNORED, Merger, MergeState
+from sferp.operators.routing import GLOBAL, MERGE, ORDERS, PRODUCTS, SHARDS, SKUS, shard
+from sferp.operators.views import OrdersStage, ProductsStage, SkusStage
+
+from sferp.config import Settings
+from sferp.events import Change, DeadLetter, RawMessage
+
+_TICK_SHARDS = [f"{MERGE}{i:02d}" for i in range(SHARDS)]
+
+
+@dataclass
+class FlowOptions:
+    """What a run needs beyond the settings."""
+
+    bounded: bool = False  # --until-caught-up
+    views_path: str | None = None
+    recovery: bool = False  # snapshots are only pickled when a recovery store exists
+    writer: bool = True  # this process may own the DuckDB writer partition
+    stop_event: threading.Event = field(default_factory=threading.Event)
+    kafka_outputs: bool = True
+    source: Any = None  # a Bytewax source of list[RawMessage] items instead of Kafka (tests)
+
+
+def make_router(cfg: DecodeConfig, *, live: bool, max_future_skew_ms: int) -> Any:
+    """Decode a batch of raw messages and route its outcomes to merge shards.
+
+    Each change is stamped with the clock as of its own message (the largest
+    event time so far in this batch); afterwards every merge shard gets a tick
+    with the batch's clock, so all shards see the global clock advance.
+    """
+
+    def route(batch: list[RawMessage]) -> list[tuple[str, tuple]]:
+        if not batch:
+            return []
+        outcomes = decode_batch(batch, cfg)
+        cap = (time.time() * 1000 + max_future_skew_ms) if live else float("inf")
+        per_shard: dict[str, tuple[list, list]] = {}
+        stats: dict[str, list[int]] = {}
+        dead: list[DeadLetter] = []
+        clock = -1
+        for o in outcomes:
+            if type(o) is Change:
+                t = o.event_time
+                if clock < t <= cap:
+                    clock = t
+                dest = shard(MERGE, o.key)
+                slot = per_shard.get(dest)
+                if slot is None:
+                    slot = per_shard[dest] = ([], [])
+                slot[0].append(o)
+                slot[1].append(clock)
+                continue
+            s = stats.get(o.topic)
+            if s is None:
+                s = stats[o.topic] = [0, 0, 0, 0, 0, 0]
+            s[CONSUMED] += 1
+            if type(o) is DeadLetter:
+                s[DEAD] += 1
+                dead.append(o)
+            else:
+                s[IGNORED] += 1
+                t = o.event_time
+                if t is not None and clock < t <= cap:
+                    clock = t
+        out: list[tuple[str, tuple]] = [
+            (dest, (CHANGES, chs, stamps)) for dest, (chs, stamps) in per_shard.items()
+        ]
+        if clock >= 0:
+            out.extend((dest, (TICK, clock)) for dest in _TICK_SHARDS)
+        if stats or clock >= 0:
+            gi = GlobalInput(stats, clock if clock >= 0 else None, dead, {}, [], [], [])
+            out.append((GLOBAL, (GLOBAL_IN, gi)))
+        return out
+
+    return route
+
+
+class _Logic(StatefulBatchLogic):
+    """Adapts a stage object (`process(payloads) -> outputs`) to Bytewax.
+
+    Snapshots are pickled at once (the state keeps changing after the call) and
+    only when a recovery store is configured.
+    """
+
+    def __init__(self, stage: Any, state: Any, recovery: bool) -> None:
+        self.stage = stage
+        self.state = state
+        self.recovery = recovery
+
+    def on_batch(self, values: list) -> tuple[list, bool]:
+        return [self.stage.process(values)], StatefulBatchLogic.RETAIN
+
+    def snapshot(self) -> Any:
+        return pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL) if self.recovery else None
+
+
+class _CoordinatorLogic(StatefulBatchLogic):
+    def __init__(self, coord: Coordinator, recovery: bool, live: bool) -> None:
+        self.coord = coord
+        self.recovery = recovery
+        self.live = live
+
+    def on_batch(self, values: list) -> tuple[list, bool]:
+        return [self.coord.process([v[1] for v in values])], StatefulBatchLogic.RETAIN
+
+    def on_notify(self) -> tuple[list, bool]:
+        delta, kafka = self.coord.tick()
+        return ([(delta, kafka)] if delta or kafka else []), StatefulBatchLogic.RETAIN
+
+    def notify_at(self) -> datetime | None:
+        return datetime.now(UTC) + timedelta(seconds=1) if self.live else None
+
+    def snapshot(self) -> Any:
+        if not self.recovery:
+            return None
+        return pickle.dumps(self.coord.state, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _restore(resume: Any, default: Any) -> Any:
+    return default if resume is None else pickle.loads(resume)
+
+
+def _prefix(p: str) -> Any:
+    return lambda kv: kv[0][0] == p
+
+
+def _unwrap(kv: tuple[str, list]) -> list:
+    return kv[1]
+
+
+def build_flow(settings: Settings, opts: FlowOptions) -> Dataflow:
+    """Build the reconcile dataflow for these settings."""
+    fs = settings.flow
+    topics = settings.topics
+    roles = topics.input_roles()
+    live = not opts.bounded
+    rec = opts.recovery
+    decode_cfg = DecodeConfig(topics=roles, max_message_bytes=fs.max_message_bytes)
+    client_config = settings.kafka_client_config()
+
+    flow = Dataflow("sferp_reconcile")
+    source = opts.source or KafkaSource(
+        settings.kafka.bootstrap,
+        list(roles),
+        start=settings.kafka.start,
+        bounded=opts.bounded,
+        batch_size=fs.batch_size,
+        client_config=client_config,
+        stop_event=opts.stop_event,
+    )
+    raw = op.input("kafka_in", flow, source)
+    routed = op.flat_map(
+        "decode",
+        raw,
+        make_router(decode_cfg, live=live, max_future_skew_ms=fs.max_future_skew_s * 1000),
+    )
+
+    window_ms = fs.dedup_window_s * 1000
+    lateness_ms = fs.allowed_lateness_s * 1000
+
+    def merge_builder(resume: Any) -> _Logic:
+        state = _restore(resume, None) or MergeState(window_ms)
+        return _Logic(Merger(state, lateness_ms), state, rec)
+
+    merged = op.flat_map(
+        "merge_out",
+        op.stateful_batch("merge", op.filter("to_merge", routed, _prefix(MERGE)), merge_builder),
+        _unwrap,
+    )
+
+    def stage_builder(cls: Any) -> Any:
+        def build(resume: Any) -> _Logic:
+            state = _restore(resume, {})
+            return _Logic(cls(state), state, rec)
+
+        return build
+
+    def stage(name: str, prefix: str, cls: Any, *ups: Stream) -> Stream:
+        ins = [op.filter(f"{name}_in_{i}", up, _prefix(prefix)) for i, up in enumerate(ups)]
+        joined = ins[0] if len(ins) == 1 else op.merge(f"{name}_in", *ins)
+        return op.flat_map(
+            f"{name}_out", op.stateful_batch(name, joined, stage_builder(cls)), _unwrap
+        )
+
+    orders = stage("orders", ORDERS, OrdersStage, merged)
+    products = stage("products", PRODUCTS, ProductsStage, merged, orders)
+    skus = stage("skus", SKUS, SkusStage, merged, products)
+
+    out_topics = OutputTopics(
+        topics.out_inventory, topics.out_orders, topics.out_exceptions, topics.dlq
+    )
+
+    def coord_builder(resume: Any) -> _CoordinatorLogic:
+        state = _restore(resume, None) or CoordinatorState()
+        coord = Coordinator(
+            state,
+            handoff_sla_ms=fs.handoff_sla_s * 1000,
+            topics=out_topics,
+            live=live,
+            max_future_skew_ms=fs.max_future_skew_s * 1000,
+        )
+        return _CoordinatorLogic(coord, rec, live)
+
+    to_global = [
+        op.filter(f"global_in_{i}", up, _prefix(GLOBAL))
+        for i, up in enumerate((routed, merged, orders, skus))
+    ]
+    coordinated = op.stateful_batch("coordinator", op.merge("global_in", *to_global), coord_builder)
+    deltas = op.map_value("deltas", coordinated, lambda out: out[0])
+    op.output(
+        "views",
+        deltas,
+        DuckDBViewsSink(opts.views_path or settings.views.path, writer=opts.writer),
+    )
+    if opts.kafka_outputs:
+        records = op.flat_map("kafka_records", coordinated, lambda kv: kv[1][1])
+        op.output(
+            "kafka_out", records, KafkaSink(settings.kafka.bootstrap, client_config=client_config)
+        )
+    return flow

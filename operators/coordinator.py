@@ -1,0 +1,256 @@
+"""The coordinator: the one single-key stage where global facts meet.
+
+It owns the flow's clock (CONTRACT §2), the flow_stats totals, the open
+reconciliation exceptions (it alone decides first_seen/last_seen), the
+hand-off SLA check that needs the global clock, and it renders each batch into
+one DuckDB delta and the Kafka records for reconciled.* and the DLQ.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import orjson
+
+from .facts import ExceptionFact, GlobalInput, HandoffCandidate
+from .merge import APPLIED, CONSUMED, DEAD, DUPLICATES, IGNORED, LATE
+
+ORDER_COLUMNS = (
+    "sf_order_id",
+    "order_number",
+    "account_id",
+    "erp_order_no",
+    "sf_status",
+    "erp_status",
+    "stage",
+    "sf_total",
+    "erp_total",
+    "amount_matches",
+    "activated_at",
+    "invoiced_at",
+    "quote_to_cash_s",
+    "updated_at",
+)
+INVENTORY_COLUMNS = (
+    "sku",
+    "on_hand",
+    "allocated",
+    "sf_open_demand",
+    "available_to_promise",
+    "updated_at",
+)
+EXCEPTION_COLUMNS = ("kind", "key", "detail", "first_seen", "last_seen", "open")
+_TIMESTAMPS = {"activated_at", "invoiced_at", "updated_at", "first_seen", "last_seen"}
+
+
+@dataclass(frozen=True)
+class OutputTopics:
+    """Where the coordinator's Kafka records go."""
+
+    inventory: str = "reconciled.inventory"
+    orders: str = "reconciled.orders"
+    exceptions: str = "reconciled.exceptions"
+    dlq: str = "integration.dlq"
+
+
+def iso(ms: int | None) -> str | None:
+    """Milliseconds since the epoch as ISO 8601 UTC."""
+    if ms is None:
+        return None
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+
+
+def _json_default(v: Any) -> Any:
+    if isinstance(v, Decimal):
+        return str(v)
+    raise TypeError(type(v).__name__)
+
+
+def row_json(columns: tuple[str, ...], row: tuple, lineage: dict[str, str]) -> bytes:
+    """A view row as the JSON value of a reconciled.* record (decimals as strings)."""
+    doc: dict[str, Any] = {}
+    for name, value in zip(columns, row, strict=False):
+        doc[name] = iso(value) if name in _TIMESTAMPS else value
+    doc["lineage"] = lineage
+    return orjson.dumps(doc, default=_json_default)
+
+
+class CoordinatorState:
+    """Snapshotted state of the coordinator."""
+
+    def __init__(self) -> None:
+        self.stats: dict[str, list[int]] = {}
+        self.clock = 0  # largest event time of any event not dead-lettered
+        self.open: dict[tuple[str, str], list] = {}  # (kind, key) -> [detail, first, last]
+        self.pending: dict[str, int] = {}  # order -> activated_at (hand-off candidates)
+        self.overdue: set[str] = set()
+        self.heap: list[tuple[int, str]] = []
+
+
+class Coordinator:
+    """Coordinator logic, free of Bytewax so it can be tested directly."""
+
+    def __init__(
+        self,
+        state: CoordinatorState,
+        *,
+        handoff_sla_ms: int,
+        topics: OutputTopics,
+        live: bool = False,
+        max_future_skew_ms: int = 300_000,
+    ) -> None:
+        self.state = state
+        self.sla = handoff_sla_ms
+        self.topics = topics
+        self.live = live
+        self.skew = max_future_skew_ms
+        self._anchor_wall = _wall_ms()
+        self._anchor_clock = state.clock
+
+    def now(self) -> int:
+        """The flow's clock: event time, aged by wall clock when live (CONTRACT §2)."""
+        c = self.state.clock
+        if not self.live:
+            return c
+        wall = _wall_ms()
+        aged = c + max(0, wall - self._anchor_wall) if c else 0
+        return min(aged, wall + self.skew) if c else 0
+
+    def process(self, inputs: list[GlobalInput]) -> tuple[dict, list]:
+        """Fold one batch of stage outputs; return (DuckDB delta, Kafka records)."""
+        st = self.state
+        delta: dict[str, dict[tuple, tuple | None]] = {}
+        kafka: list[tuple[str, bytes, bytes | None]] = []
+        touched_topics: set[str] = set()
+        for gi in inputs:
+            for topic, vec in gi.stats.items():
+                acc = st.stats.get(topic)
+                if acc is None:
+                    acc = st.stats[topic] = [0, 0, 0, 0, 0, 0]
+                for i, v in enumerate(vec):
+                    acc[i] += v
+                touched_topics.add(topic)
+            if gi.clock is not None and gi.clock > st.clock:
+                st.clock = gi.clock
+                self._anchor_wall = _wall_ms()
+            if gi.dead_letters:
+                dl_rows = delta.setdefault("dead_letters", {})
+                for d in gi.dead_letters:
+                    dl_rows[(d.topic, d.partition, d.offset)] = tuple(d)
+                    value = {
+                        "reason": d.reason,
+                        "topic": d.topic,
+                        "partition": d.partition,
+                        "offset": d.offset,
+                        "raw": d.raw,
+                    }
+                    key = f"{d.topic}:{d.partition}:{d.offset}".encode()
+                    kafka.append((self.topics.dlq, key, orjson.dumps(value)))
+            for table, rows in gi.rows.items():
+                out = delta.setdefault(table, {})
+                if table == "records":
+                    out.update(rows)
+                    continue
+                columns, topic = (
+                    (ORDER_COLUMNS, self.topics.orders)
+                    if table == "order_status"
+                    else (INVENTORY_COLUMNS, self.topics.inventory)
+                )
+                for pk, row in rows.items():
+                    key = str(pk[0]).encode()
+                    if row is None:
+                        out[pk] = None
+                        kafka.append((topic, key, None))
+                        continue
+                    out[pk] = row[:-2]
+                    if row[-1]:
+                        kafka.append((topic, key, row_json(columns, row[:-2], row[-2])))
+            for exc in gi.exceptions:
+                self._exception(exc, delta, kafka)
+            for cand in gi.handoffs:
+                self._handoff(cand, delta, kafka)
+        self._check_overdue(delta, kafka)
+        if touched_topics:
+            fs = delta.setdefault("flow_stats", {})
+            for topic in touched_topics:
+                s = st.stats[topic]
+                fs[(topic,)] = (
+                    topic,
+                    s[CONSUMED],
+                    s[APPLIED],
+                    s[DUPLICATES],
+                    s[LATE],
+                    s[DEAD],
+                    s[IGNORED],
+                )
+        return delta, kafka
+
+    def tick(self) -> tuple[dict, list]:
+        """Re-evaluate the clock-dependent exceptions (live runs, with no new input)."""
+        delta: dict = {}
+        kafka: list = []
+        self._check_overdue(delta, kafka)
+        return delta, kafka
+
+    def _exception(self, exc: ExceptionFact, delta: dict, kafka: list) -> None:
+        st = self.state
+        k = (exc.kind, exc.key)
+        cur = st.open.get(k)
+        if exc.open:
+            if cur is None:
+                cur = st.open[k] = [exc.detail, exc.event_time, exc.event_time]
+            elif cur[0] == exc.detail and cur[2] >= exc.event_time:
+                return
+            else:
+                cur[0] = exc.detail
+                cur[2] = max(cur[2], exc.event_time)
+            row = (exc.kind, exc.key, cur[0], cur[1], cur[2], True)
+        else:
+            if cur is None:
+                return
+            del st.open[k]
+            row = (exc.kind, exc.key, exc.detail, cur[1], max(cur[2], exc.event_time), False)
+        delta.setdefault("reconciliation_exceptions", {})[k] = row
+        kafka.append(
+            (
+                self.topics.exceptions,
+                f"{exc.kind}:{exc.key}".encode(),
+                row_json(EXCEPTION_COLUMNS, row, {}),
+            )
+        )
+
+    def _handoff(self, cand: HandoffCandidate, delta: dict, kafka: list) -> None:
+        st = self.state
+        oid = cand.order_id
+        if cand.activated_at is None:
+            st.pending.pop(oid, None)
+            if oid in st.overdue:
+                st.overdue.discard(oid)
+                fact = ExceptionFact("HANDOFF_OVERDUE", oid, False, "handed off", st.clock)
+                self._exception(fact, delta, kafka)
+            return
+        st.pending[oid] = cand.activated_at
+        heapq.heappush(st.heap, (cand.activated_at, oid))
+
+    def _check_overdue(self, delta: dict, kafka: list) -> None:
+        st = self.state
+        now = self.now()
+        heap = st.heap
+        while heap and now - heap[0][0] > self.sla:
+            activated, oid = heapq.heappop(heap)
+            if st.pending.get(oid) != activated or oid in st.overdue:
+                continue
+            st.overdue.add(oid)
+            minutes = (now - activated) / 60_000
+            detail = f"Activated {minutes:.1f} min ago, not handed off to the ERP"
+            self._exception(ExceptionFact("HANDOFF_OVERDUE", oid, True, detail, now), delta, kafka)
+        # An order whose candidate moved (re-activated later) but is overdue under
+        # the old time stays open until retracted: retraction closes it.
+
+
+def _wall_ms() -> int:
+    return int(datetime.now(UTC).timestamp() * 1000)

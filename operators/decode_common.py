@@ -1,0 +1,283 @@
+"""Pieces shared by the Salesforce and ERP decoders: reason codes, JSON parsing, numbers.
+
+Everything here is on the per-message hot path except the fallbacks, which run
+only for messages orjson refuses (docs/semantics.md §1, steps 3 and 4).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal
+from typing import Any
+
+import orjson
+
+from sferp.events import DeadLetter, RawMessage
+
+# Dead-letter reason codes (docs/semantics.md §1), exact strings.
+TOO_LARGE = "too_large"
+NOT_JSON = "not_json"
+TOO_DEEP = "too_deep"
+NOT_AN_OBJECT = "not_an_object"
+MISSING_HEADER = "missing_header"
+BAD_HEADER = "bad_header"
+BAD_NUMBER = "bad_number"
+BAD_ENVELOPE = "bad_envelope"
+MISSING_PRIMARY_KEY = "missing_primary_key"
+
+REASONS = frozenset(
+    {
+        TOO_LARGE,
+        NOT_JSON,
+        TOO_DEEP,
+        NOT_AN_OBJECT,
+        MISSING_HEADER,
+        BAD_HEADER,
+        BAD_NUMBER,
+        BAD_ENVELOPE,
+        MISSING_PRIMARY_KEY,
+    }
+)
+
+# `Ignored.why` values.
+IGNORED_TOMBSTONE = "tombstone"
+IGNORED_ENTITY = "other_entity"
+IGNORED_TRUNCATE = "truncate"
+IGNORED_MESSAGE = "logical_message"
+
+RAW_LIMIT = 65_536
+
+_new = tuple.__new__
+
+
+def raw_text(value: bytes | None) -> str:
+    """The `raw` column: UTF-8 with invalid bytes replaced, cut to the first 65,536 bytes."""
+    if value is None:
+        return ""
+    return bytes(value[:RAW_LIMIT]).decode("utf-8", "replace")
+
+
+def dead_letter(msg: RawMessage, reason: str) -> DeadLetter:
+    """A dead letter carrying the message's coordinates and raw text."""
+    return _new(DeadLetter, (msg.topic, msg.partition, msg.offset, reason, raw_text(msg.value)))
+
+
+class ReparseExact(Exception):
+    """Raised by a form decoder when a value orjson read as a double must be an integer.
+
+    orjson reads integers beyond 64 bits as doubles; the decoder then asks for the
+    message to be parsed again with the standard library, which keeps them exact.
+    """
+
+
+def is_big_integral(x: object) -> bool:
+    """True for a double that may stand for an integer literal beyond 64 bits."""
+    return type(x) is float and x.is_integer() and not (-(2**63) <= x < 2**64)
+
+
+# --- JSON ------------------------------------------------------------------
+
+
+class _Reject(ValueError):
+    pass
+
+
+def _reject_constant(name: str) -> Any:
+    raise _Reject(name)
+
+
+def _finite_float(text: str) -> float:
+    f = float(text)
+    if f - f != 0.0:  # inf (nan cannot come from a JSON number)
+        raise _Reject(text)
+    return f
+
+
+_STD_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
+
+
+def parse_json_fallback(value: bytes) -> tuple[Any, str | None]:
+    """Parse what orjson refused: `(obj, None)` or `(None, reason)`.
+
+    Accepts valid JSON that orjson refuses (integers too large for a double are
+    kept exact). Rejects as `not_json`: invalid UTF-8, a BOM, NaN/Infinity,
+    numbers whose value overflows a double, and escaped lone surrogates (they
+    cannot be stored as UTF-8 downstream). Documents nested beyond what the
+    parsers can recurse into are validated iteratively and reported `too_deep`.
+    """
+    try:
+        text = bytes(value).decode("utf-8")
+    except UnicodeDecodeError:
+        return None, NOT_JSON
+    try:
+        obj = _STD_DECODER.decode(text)
+    except RecursionError:
+        return None, (TOO_DEEP if _valid_json_iterative(text) else NOT_JSON)
+    except ValueError:  # JSONDecodeError, _Reject, int digit limit
+        return None, NOT_JSON
+    if _SURROGATE_ESCAPE.search(text) is not None and _has_lone_surrogate(obj):
+        return None, NOT_JSON
+    return obj, None
+
+
+def parse_json_exact(value: bytes) -> Any:
+    """Parse with the standard library (exact integers); only called on valid JSON."""
+    obj, reason = parse_json_fallback(value)
+    if reason is not None:
+        raise ValueError(reason)
+    return obj
+
+
+def _has_lone_surrogate(obj: Any) -> bool:
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    except (ValueError, RecursionError):
+        return False
+    return False
+
+
+_TOKEN = re.compile(
+    r"""[ \t\n\r]*(?:
+      (?P<s>"(?:[^"\\\x00-\x1f]|\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4}))*")
+    | (?P<n>-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)
+    | (?P<l>true|false|null)
+    | (?P<p>[{}\[\]:,])
+    )""",
+    re.VERBOSE,
+)
+_TRAILING_WS = re.compile(r"[ \t\n\r]*\Z")
+
+
+def _valid_json_iterative(text: str) -> bool:
+    """Validate JSON text of any depth without recursion (rare path only)."""
+    stack: list[str] = []
+    # states: "v" value expected, "k" key or "}" expected (just opened object),
+    # "K" key expected (after comma), ":" colon expected, "a" after a value,
+    # "e" value or "]" expected (just opened array)
+    state = "v"
+    pos = 0
+    n = len(text)
+    match = _TOKEN.match
+    while True:
+        if state == "a" and not stack:
+            return _TRAILING_WS.match(text, pos) is not None
+        m = match(text, pos)
+        if m is None:
+            return False
+        pos = m.end()
+        kind = m.lastgroup
+        tok = m.group(kind)  # type: ignore[arg-type]
+        if kind == "s":
+            if "\\u" in tok and _has_lone_surrogate(json.loads(tok)):
+                return False
+            if state in ("k", "K"):
+                state = ":"
+                continue
+        if kind == "n":
+            try:
+                _finite_float(tok)
+            except _Reject:
+                return False
+        if kind in ("s", "n", "l"):
+            if state not in ("v", "e"):
+                return False
+            state = "a"
+            continue
+        # punctuation
+        if tok in "{[":
+            if state not in ("v", "e"):
+                return False
+            stack.append(tok)
+            state = "k" if tok == "{" else "e"
+        elif tok == "}":
+            if not stack or stack[-1] != "{" or state not in ("a", "k"):
+                return False
+            stack.pop()
+            state = "a"
+        elif tok == "]":
+            if not stack or stack[-1] != "[" or state not in ("a", "e"):
+                return False
+            stack.pop()
+            state = "a"
+        elif tok == ":":
+            if state != ":":
+                return False
+            state = "v"
+        else:  # ","
+            if state != "a" or not stack:
+                return False
+            state = "K" if stack[-1] == "{" else "v"
+        if pos > n:  # pragma: no cover - regex never passes the end
+            return False
+
+
+def deeper_than(obj: Any, limit: int) -> bool:
+    """True when `obj` nests containers more than `limit` levels (top container = 1)."""
+    return not _within(obj, limit)
+
+
+def _within(obj: Any, budget: int) -> bool:
+    if budget <= 0:
+        return False
+    budget -= 1
+    values = obj.values() if type(obj) is dict else obj
+    for v in values:
+        t = type(v)
+        if (t is dict or t is list) and not _within(v, budget):
+            return False
+    return True
+
+
+# --- numbers ---------------------------------------------------------------
+
+_DECIMAL_STRING = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def is_decimal_string(s: str) -> bool:
+    """A plain ASCII decimal literal (`12.50`, `-3`, `1.2E+3`): finite by construction."""
+    return _DECIMAL_STRING.fullmatch(s) is not None
+
+
+def is_number_value(v: object) -> bool:
+    """Valid numeric column value: a JSON number (not bool) or a decimal string; null excluded."""
+    t = type(v)
+    if t is int or t is float:
+        return True
+    return t is str and is_decimal_string(v)  # type: ignore[arg-type]
+
+
+# Debezium precise decimals: at most this many bytes of unscaled value (about 2,466
+# digits, beyond PostgreSQL's largest declared precision of 1,000) and this scale range.
+MAX_DECIMAL_BYTES = 1024
+MAX_ABS_SCALE = 16_383
+_EXACT = Context(prec=MAX_PREC, Emax=MAX_EMAX, Emin=MIN_EMIN)
+_B64_CHARS = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
+
+
+def decode_base64_decimal(s: str, scale: int) -> str | None:
+    """Debezium's precise decimal (base64 of the big-endian two's-complement unscaled value).
+
+    Returns the decimal as Debezium's string mode would send it (plain notation
+    with the scale, `"12.50"`), or None when `s` is not such a value.
+    """
+    if not s or len(s) > (MAX_DECIMAL_BYTES * 4) // 3 + 4 or _B64_CHARS.fullmatch(s) is None:
+        return None
+    import base64
+
+    raw = base64.b64decode(s)
+    if not raw or len(raw) > MAX_DECIMAL_BYTES:
+        return None
+    unscaled = int.from_bytes(raw, "big", signed=True)
+    return format(Decimal(unscaled).scaleb(-scale, _EXACT), "f")
+
+
+def dumps_compact_sorted(obj: dict[str, Any]) -> str:
+    """Compact JSON with sorted keys (record keys); integers beyond 64 bits kept exact."""
+    try:
+        return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS).decode()
+    except TypeError:
+        return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

@@ -1,0 +1,418 @@
+"""The merge stage: de-duplicate, merge changes into record state, emit facts.
+
+One Bytewax key per merge shard (operators/routing.py). Per shard: the
+de-duplication window, the merged state of the shard's records (CONTRACT §2:
+field-level last-writer-wins for Salesforce, whole-image by lsn for the ERP,
+tombstones an older update cannot undo), the gap markers, and the counters.
+At the end of each batch every record that changed is rendered once: its
+`records` row for the coordinator and its fact for the view stages.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from sferp.events import (
+    DELETE,
+    GAP,
+    LIFECYCLE_OPS,
+    SALESFORCE,
+    UPSERT,
+    Change,
+    version_string,
+)
+from sferp.sfid import to18
+
+from .dedupe import DedupWindow
+from .facts import (
+    FACTS,
+    GLOBAL_IN,
+    TICK,
+    ErpItemFact,
+    ErpOrderFact,
+    ExceptionFact,
+    GlobalInput,
+    InventoryFact,
+    ItemFact,
+    OrderFact,
+    ProductFact,
+)
+from .routing import GLOBAL, ORDERS, PRODUCTS, SKUS, shard
+
+# Stats vector positions, shared with the coordinator.
+CONSUMED, APPLIED, DUPLICATES, LATE, DEAD, IGNORED = range(6)
+
+_SORTED = orjson.OPT_SORT_KEYS
+
+
+class SfRecord:
+    """Merged state of one Salesforce record."""
+
+    __slots__ = (
+        "fields",
+        "stamps",
+        "lc_stamp",
+        "lc_deleted",
+        "top",
+        "event_time",
+        "identity",
+        "activated_at",
+        "routed",
+    )
+
+    def __init__(self) -> None:
+        self.fields: dict[str, Any] = {}
+        self.stamps: dict[str, tuple] = {}  # field -> (order, identity) that set it
+        self.lc_stamp: tuple | None = None  # latest lifecycle event
+        self.lc_deleted = False
+        self.top: tuple | None = None  # latest applied event of any kind
+        self.event_time = 0
+        self.identity = ""
+        self.activated_at: int | None = None
+        self.routed: str | None = None  # where its fact was last sent (OrderItem: OrderId)
+
+    def apply(self, ch: Change) -> None:
+        """Merge one change (CONTRACT §2, docs/semantics.md §3)."""
+        stamp = (ch.order, ch.identity)
+        if ch.fields:
+            fields, stamps = self.fields, self.stamps
+            for name, value in ch.fields.items():
+                old = stamps.get(name)
+                if old is None or stamp > old:
+                    fields[name] = value
+                    stamps[name] = stamp
+            if ch.fields.get("Status") == "Activated" and (
+                self.activated_at is None or ch.event_time < self.activated_at
+            ):
+                self.activated_at = ch.event_time
+        if ch.op in LIFECYCLE_OPS and (self.lc_stamp is None or stamp > self.lc_stamp):
+            self.lc_stamp = stamp
+            self.lc_deleted = ch.op == DELETE
+        if self.top is None or stamp > self.top:
+            self.top = stamp
+            self.event_time = ch.event_time
+        self.identity = ch.identity
+
+    @property
+    def live(self) -> bool:
+        """Present and not deleted."""
+        return not self.lc_deleted
+
+
+class ErpRecord:
+    """Merged state of one ERP row: the image with the highest lsn wins."""
+
+    __slots__ = (
+        "image",
+        "image_stamp",
+        "del_image",
+        "del_lsn",
+        "top",
+        "deleted",
+        "event_time",
+        "identity",
+        "invoiced_at",
+        "routed",
+    )
+
+    def __init__(self) -> None:
+        self.image: dict[str, Any] | None = None
+        self.image_stamp: tuple = ()
+        self.del_image: dict[str, Any] | None = None
+        self.del_lsn = -1
+        self.top: tuple | None = None
+        self.deleted = False
+        self.event_time = 0
+        self.identity = ""
+        self.invoiced_at: int | None = None
+        self.routed: str | None = None
+
+    def apply(self, ch: Change) -> None:
+        """Merge one change."""
+        lsn = ch.order[0]
+        stamp = (ch.order, ch.identity)
+        if ch.op == UPSERT:
+            if self.image is None or stamp > self.image_stamp:
+                self.image = ch.fields
+                self.image_stamp = stamp
+            if (ch.fields or {}).get("status") == "INVOICED" and (
+                self.invoiced_at is None or ch.event_time < self.invoiced_at
+            ):
+                self.invoiced_at = ch.event_time
+        elif self.del_image is None or lsn > self.del_lsn:
+            self.del_image = ch.fields or {}
+            self.del_lsn = lsn
+        if self.top is None or stamp > self.top:
+            self.top = stamp
+            self.deleted = ch.op == DELETE
+            self.event_time = ch.event_time
+        self.identity = ch.identity
+
+    @property
+    def live(self) -> bool:
+        """Present and not deleted."""
+        return not self.deleted
+
+    def current_fields(self) -> dict[str, Any]:
+        """The row's last image (a deleted row keeps it)."""
+        if self.image is not None:
+            return self.image
+        return self.del_image or {}
+
+
+def _s(value: Any) -> str | None:
+    """A key column as a string (ERP keys may be integers)."""
+    if value is None:
+        return None
+    return value if isinstance(value, str) else str(value)
+
+
+class MergeState:
+    """Everything one merge shard remembers (pickled into Bytewax snapshots)."""
+
+    __slots__ = ("dedup", "records", "gaps", "clock")
+
+    def __init__(self, window_ms: int) -> None:
+        self.dedup = DedupWindow(window_ms)
+        self.records: dict[tuple[str, str, str], SfRecord | ErpRecord] = {}
+        self.gaps: dict[str, list] = {}  # resync key -> [gap stamp, open emitted?, event_time]
+        self.clock = 0
+
+
+class Merger:
+    """The merge logic of one shard, free of Bytewax so it can be tested directly."""
+
+    def __init__(self, state: MergeState, lateness_ms: int) -> None:
+        self.state = state
+        self.lateness_ms = lateness_ms
+
+    def process(self, payloads: list[tuple]) -> list[tuple[str, tuple]]:
+        """Apply a batch of payloads; return (destination shard, payload) items."""
+        st = self.state
+        records = st.records
+        dedup = st.dedup
+        lateness = self.lateness_ms
+        stats: dict[str, list[int]] = {}
+        dirty: dict[tuple[str, str, str], SfRecord | ErpRecord] = {}
+        dirty_gaps: set[str] = set()
+        for payload in payloads:
+            if payload[0] == TICK:
+                if payload[1] > st.clock:
+                    st.clock = payload[1]
+                continue
+            _, changes, stamps = payload
+            for ch, stamp in zip(changes, stamps, strict=True):
+                clock = st.clock if st.clock > stamp else stamp
+                st.clock = clock
+                if ch.primary:
+                    s = stats.get(ch.topic)
+                    if s is None:
+                        s = stats[ch.topic] = [0, 0, 0, 0, 0, 0]
+                    s[CONSUMED] += 1
+                if dedup.check_and_add(ch.identity, ch.event_time, clock):
+                    if ch.primary:
+                        s[DUPLICATES] += 1
+                    continue
+                if ch.primary:
+                    s[APPLIED] += 1
+                    if ch.event_time < clock - lateness:
+                        s[LATE] += 1
+                if ch.op == GAP:
+                    self._gap(ch, dirty_gaps)
+                    continue
+                rkey = (ch.source, ch.entity, ch.key)
+                rec = records.get(rkey)
+                if rec is None:
+                    rec = records[rkey] = SfRecord() if ch.source == SALESFORCE else ErpRecord()
+                rec.apply(ch)
+                dirty[rkey] = rec
+                if ch.source == SALESFORCE and ch.key in st.gaps:
+                    dirty_gaps.add(ch.key)
+        if st.dedup.window_ms:
+            dedup.expire(st.clock)
+        return self._render(stats, dirty, dirty_gaps)
+
+    def _gap(self, ch: Change, dirty_gaps: set[str]) -> None:
+        stamp = (ch.order, ch.identity)
+        g = self.state.gaps.get(ch.key)
+        if g is None:
+            self.state.gaps[ch.key] = [stamp, False, ch.event_time]
+        elif stamp > g[0]:
+            g[0] = stamp
+            g[2] = ch.event_time
+        dirty_gaps.add(ch.key)
+
+    def _render(
+        self,
+        stats: dict[str, list[int]],
+        dirty: dict[tuple[str, str, str], SfRecord | ErpRecord],
+        dirty_gaps: set[str],
+    ) -> list[tuple[str, tuple]]:
+        rows: dict[tuple, tuple | None] = {}
+        out_facts: dict[str, list] = {}
+        exceptions: list[ExceptionFact] = []
+
+        def send(dest: str, fact: Any) -> None:
+            lst = out_facts.get(dest)
+            if lst is None:
+                out_facts[dest] = [fact]
+            else:
+                lst.append(fact)
+
+        for rkey, rec in dirty.items():
+            source, entity, key = rkey
+            if source == SALESFORCE:
+                fields = rec.fields
+                deleted = rec.lc_deleted
+            else:
+                fields = rec.current_fields()
+                deleted = rec.deleted
+            rows[rkey] = (
+                source,
+                entity,
+                key,
+                deleted,
+                orjson.dumps(fields, option=_SORTED).decode(),
+                version_string(rec.top[0]),
+                rec.event_time,
+            )
+            _facts(entity, source, key, rec, send)
+        for key in dirty_gaps:
+            g = self.state.gaps[key]
+            recs = [] if key.endswith(":*") else _records_with_key(self.state, key)
+            is_open = not any(r.lc_stamp is not None and r.lc_stamp > g[0] for r in recs)
+            if is_open != g[1] or is_open:
+                exceptions.append(
+                    ExceptionFact(
+                        "SF_RESYNC_NEEDED",
+                        key,
+                        is_open,
+                        "gap event: record must be re-read from Salesforce"
+                        if is_open
+                        else "closed by a newer create, undelete or delete",
+                        max([g[2]] + [r.event_time for r in recs]),
+                    )
+                )
+                g[1] = is_open
+            if not is_open:
+                del self.state.gaps[key]
+        out: list[tuple[str, tuple]] = [(dest, (FACTS, lst)) for dest, lst in out_facts.items()]
+        if stats or rows or exceptions:
+            body = GlobalInput(stats, None, [], {"records": rows}, exceptions, [], [])
+            out.append((GLOBAL, (GLOBAL_IN, body)))
+        return out
+
+
+def _records_with_key(state: MergeState, key: str) -> list[SfRecord]:
+    """The Salesforce records with this Id (gaps are rare, so a lookup per entity is fine)."""
+    found = []
+    for entity in ("Product2", "Account", "Order", "OrderItem"):
+        rec = state.records.get((SALESFORCE, entity, key))
+        if rec is not None:
+            found.append(rec)
+    return found
+
+
+def _facts(entity: str, source: str, key: str, rec: Any, send: Any) -> None:
+    """Render the view-relevant fact of one changed record and route it."""
+    if source == SALESFORCE:
+        f = rec.fields
+        live = rec.live
+        if entity == "Order":
+            send(
+                shard(ORDERS, key),
+                OrderFact(
+                    key,
+                    live,
+                    f.get("Status"),
+                    f.get("AccountId"),
+                    f.get("OrderNumber"),
+                    f.get("TotalAmount"),
+                    rec.activated_at,
+                    rec.event_time,
+                    rec.identity,
+                ),
+            )
+        elif entity == "OrderItem":
+            order_id = _s(f.get("OrderId"))
+            if rec.routed is not None and rec.routed != order_id:
+                send(
+                    shard(ORDERS, rec.routed),
+                    ItemFact(key, rec.routed, False, None, None, rec.event_time, rec.identity),
+                )
+            rec.routed = order_id
+            if order_id:
+                send(
+                    shard(ORDERS, order_id),
+                    ItemFact(
+                        key,
+                        order_id,
+                        live,
+                        _s(f.get("Product2Id")),
+                        f.get("Quantity"),
+                        rec.event_time,
+                        rec.identity,
+                    ),
+                )
+        elif entity == "Product2":
+            code = f.get("ProductCode")
+            sku = _s(code) if live and code not in (None, "") else None
+            send(shard(PRODUCTS, key), ProductFact(key, sku, rec.event_time, rec.identity))
+        return
+    f = rec.current_fields()
+    live = rec.live
+    if entity == "sales_orders":
+        raw = f.get("sf_order_id")
+        sf_id = to18(raw) if isinstance(raw, str) and raw != "" else None
+        order_no = _s(f.get("order_no"))
+        if order_no is None:
+            order_no = _s(orjson.loads(key).get("order_no")) or key
+        if rec.routed is not None and rec.routed != sf_id:
+            send(
+                shard(ORDERS, rec.routed),
+                ErpOrderFact(
+                    key, order_no, rec.routed, False, None, None, 0, None, rec.event_time, ""
+                ),
+            )
+        rec.routed = sf_id
+        if sf_id:
+            send(
+                shard(ORDERS, sf_id),
+                ErpOrderFact(
+                    key,
+                    order_no,
+                    sf_id,
+                    live,
+                    f.get("status"),
+                    f.get("total_amount"),
+                    rec.top[0][0],
+                    rec.invoiced_at,
+                    rec.event_time,
+                    rec.identity,
+                ),
+            )
+    elif entity == "inventory":
+        sku = _s(f.get("sku"))
+        if sku is None:
+            sku = _s(orjson.loads(key).get("sku"))
+        if sku is not None:
+            send(
+                shard(SKUS, sku),
+                InventoryFact(
+                    sku,
+                    key,
+                    live,
+                    f.get("qty_on_hand"),
+                    f.get("qty_allocated"),
+                    rec.event_time,
+                    rec.identity,
+                ),
+            )
+    elif entity == "items":
+        sku = _s(f.get("sku"))
+        if sku is None:
+            sku = _s(orjson.loads(key).get("sku"))
+        if sku is not None:
+            send(shard(SKUS, sku), ErpItemFact(sku, live, rec.event_time, rec.identity))

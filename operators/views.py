@@ -1,0 +1,471 @@
+"""Incremental view maintenance: the joins behind order_status and inventory_live.
+
+Three sharded stages, each keeping contributions under the id that produced
+them (so a replay, a duplicate or a late event replaces instead of adding):
+
+- orders   (key: Salesforce Order Id): the Order, its OrderItems and the ERP
+  sales orders naming it → the order row, the link, AMOUNT_MISMATCH,
+  ORPHAN_ERP_ORDER, hand-off candidates, and demand per (order, product);
+- products (key: Product2 Id): the product's sku and the demand of every order
+  for it → one total per product, sent to its sku;
+- skus     (key: sku): ERP inventory rows, the ERP item and product demand →
+  the inventory row and UNKNOWN_SKU.
+
+Each stage renders only what changed in a batch and emits a row only when it
+differs from the one it emitted before.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import orjson
+
+from .facts import (
+    FACTS,
+    GLOBAL_IN,
+    DemandFact,
+    ErpItemFact,
+    ErpOrderFact,
+    ExceptionFact,
+    GlobalInput,
+    HandoffCandidate,
+    InventoryFact,
+    ItemFact,
+    OrderFact,
+    ProductFact,
+    SkuDemandFact,
+)
+from .numbers import ZERO, money, to_decimal, whole
+from .routing import GLOBAL, PRODUCTS, SKUS, shard
+
+Out = list[tuple[str, tuple]]
+
+
+def _lineage(**ids: str) -> dict[str, str]:
+    return {k: v for k, v in ids.items() if v}
+
+
+def _global(rows: dict, exceptions: list, handoffs: list | None = None) -> tuple[str, tuple]:
+    return (GLOBAL, (GLOBAL_IN, GlobalInput({}, None, [], rows, exceptions, handoffs or [], [])))
+
+
+class OrderNode:
+    """Everything known about one Salesforce Order Id."""
+
+    __slots__ = ("order", "items", "erp", "row", "mismatch", "orphans", "handoff", "demand")
+
+    def __init__(self) -> None:
+        self.order: OrderFact | None = None
+        self.items: dict[str, ItemFact] = {}  # live items only
+        self.erp: dict[str, ErpOrderFact] = {}  # live ERP orders naming this Id
+        self.row: tuple | None = None  # last emitted order_status row
+        self.mismatch = False
+        self.orphans: set[str] = set()  # order_no keys with an open orphan exception
+        self.handoff: int | None = None  # activated_at of the emitted candidate
+        self.demand: dict[str, tuple[Decimal, bool]] = {}  # product -> (qty, has_items)
+
+    def empty(self) -> bool:
+        """Nothing left to remember."""
+        return (
+            self.order is None
+            and not self.items
+            and not self.erp
+            and self.row is None
+            and not self.orphans
+            and not self.demand
+            and self.handoff is None
+            and not self.mismatch
+        )
+
+
+def _link(erp: dict[str, ErpOrderFact]) -> ErpOrderFact | None:
+    """CONTRACT §2: the non-CANCELLED order with the highest lsn, else the highest lsn."""
+    best = None
+    for e in erp.values():
+        rank = (e.status != "CANCELLED", e.lsn, e.record_key)
+        if best is None or rank > best[0]:
+            best = (rank, e)
+    return None if best is None else best[1]
+
+
+class OrdersStage:
+    """The orders stage of one shard (no Bytewax here: testable directly)."""
+
+    def __init__(self, state: dict[str, OrderNode]) -> None:
+        self.nodes = state
+
+    def process(self, payloads: list[tuple]) -> Out:
+        """Apply fact batches; return routed outputs."""
+        nodes = self.nodes
+        dirty: dict[str, OrderNode] = {}
+        for _, facts in payloads:
+            for f in facts:
+                if isinstance(f, OrderFact):
+                    oid = f.order_id
+                    node = nodes.get(oid) or nodes.setdefault(oid, OrderNode())
+                    node.order = f
+                elif isinstance(f, ItemFact):
+                    oid = f.order_id
+                    node = nodes.get(oid) or nodes.setdefault(oid, OrderNode())
+                    if f.live:
+                        node.items[f.item_id] = f
+                    else:
+                        node.items.pop(f.item_id, None)
+                else:  # ErpOrderFact
+                    oid = f.sf_order_id
+                    node = nodes.get(oid) or nodes.setdefault(oid, OrderNode())
+                    if f.live:
+                        node.erp[f.record_key] = f
+                    else:
+                        node.erp.pop(f.record_key, None)
+                dirty[oid] = node
+        rows: dict[tuple, tuple | None] = {}
+        exceptions: list[ExceptionFact] = []
+        handoffs: list[HandoffCandidate] = []
+        demand_out: dict[str, list[DemandFact]] = {}
+        for oid, node in dirty.items():
+            self._render(oid, node, rows, exceptions, handoffs, demand_out)
+            if node.empty():
+                del nodes[oid]
+        out: Out = [(dest, (FACTS, lst)) for dest, lst in demand_out.items()]
+        if rows or exceptions or handoffs:
+            out.append(_global({"order_status": rows}, exceptions, handoffs))
+        return out
+
+    @staticmethod
+    def _render(
+        oid: str,
+        node: OrderNode,
+        rows: dict,
+        exceptions: list[ExceptionFact],
+        handoffs: list[HandoffCandidate],
+        demand_out: dict[str, list[DemandFact]],
+    ) -> None:
+        o = node.order
+        live = o is not None and o.live
+        link = _link(node.erp)
+        times = [f.event_time for f in node.erp.values()]
+        if o is not None:
+            times.append(o.event_time)
+        times.extend(i.event_time for i in node.items.values())
+        updated = max(times) if times else 0
+        # order_status row
+        row = None
+        mismatch = False
+        if live:
+            sf_total = money(o.total)
+            status = o.status
+            if link is not None:
+                erp_total = money(link.total)
+                matches = (
+                    None
+                    if sf_total is None or erp_total is None
+                    else abs(sf_total - erp_total) <= Decimal("0.01")
+                )
+                mismatch = matches is False
+                invoiced = link.invoiced_at
+            else:
+                erp_total = matches = invoiced = None
+            erp_status = link.status if link is not None else None
+            if status == "Cancelled" or erp_status == "CANCELLED":
+                stage = "CANCELLED"
+            elif link is not None:
+                stage = erp_status
+            elif status == "Activated":
+                stage = "BOOKED"
+            else:
+                stage = "DRAFT"
+            activated = o.activated_at
+            q2c = (
+                (invoiced - activated) / 1000.0
+                if invoiced is not None and activated is not None
+                else None
+            )
+            row = (
+                oid,
+                _str_or_none(o.order_number),
+                _str_or_none(o.account_id),
+                link.order_no if link is not None else None,
+                _str_or_none(status),
+                _str_or_none(erp_status),
+                stage,
+                sf_total,
+                erp_total,
+                matches,
+                activated,
+                invoiced,
+                q2c,
+                updated,
+                _lineage(salesforce=o.identity, erp=link.identity if link is not None else ""),
+            )
+        if row != node.row:
+            rows[(oid,)] = _flagged(row, node.row)
+            node.row = row
+        # AMOUNT_MISMATCH
+        if mismatch != node.mismatch or (mismatch and row is not None and rows.get((oid,))):
+            detail = (
+                f"Salesforce {row[7]} vs ERP {row[8]} ({link.order_no})"
+                if mismatch and row is not None and link is not None
+                else "amounts agree or order no longer linked"
+            )
+            exceptions.append(ExceptionFact("AMOUNT_MISMATCH", oid, mismatch, detail, updated))
+            node.mismatch = mismatch
+        # ORPHAN_ERP_ORDER: live ERP orders naming an Order that is not live
+        orphans = set() if live else {e.record_key for e in node.erp.values()}
+        for rk in orphans - node.orphans:
+            e = node.erp[rk]
+            exceptions.append(
+                ExceptionFact(
+                    "ORPHAN_ERP_ORDER",
+                    e.order_no,
+                    True,
+                    f"sf_order_id {oid} names no live Salesforce Order",
+                    e.event_time,
+                )
+            )
+        for rk in node.orphans - orphans:
+            exceptions.append(
+                ExceptionFact("ORPHAN_ERP_ORDER", _order_no_of(rk), False, "resolved", updated)
+            )
+        node.orphans = orphans
+        # hand-off candidate
+        cand = (
+            o.activated_at
+            if live and o.status == "Activated" and link is None and o.activated_at is not None
+            else None
+        )
+        if cand != node.handoff:
+            handoffs.append(HandoffCandidate(oid, cand))
+            node.handoff = cand
+        # demand per product
+        demand: dict[str, tuple[Decimal, bool]] = {}
+        if live:
+            open_demand = o.status == "Activated" and link is None
+            for item in node.items.values():
+                pid = item.product_id
+                if not pid:
+                    continue
+                qty, _ = demand.get(pid, (ZERO, True))
+                if open_demand:
+                    q = to_decimal(item.quantity)
+                    if q is not None:
+                        qty += q
+                demand[pid] = (qty, True)
+        ident = o.identity if o is not None else ""
+        for pid in demand.keys() | node.demand.keys():
+            new = demand.get(pid)
+            if new != node.demand.get(pid):
+                qty, has = new if new is not None else (ZERO, False)
+                demand_out.setdefault(shard(PRODUCTS, pid), []).append(
+                    DemandFact(pid, oid, qty, has, updated, ident)
+                )
+        node.demand = demand
+
+
+def _order_no_of(record_key: str) -> str:
+    v = orjson.loads(record_key).get("order_no")
+    return v if isinstance(v, str) else str(v)
+
+
+def _str_or_none(v: Any) -> str | None:
+    if v is None:
+        return None
+    return v if isinstance(v, str) else str(v)
+
+
+class ProductNode:
+    """One Product2 Id: its sku and the open demand of every order for it."""
+
+    __slots__ = ("sku", "demand", "total", "with_items", "sent_sku", "sent", "event_time", "ident")
+
+    def __init__(self) -> None:
+        self.sku: str | None = None
+        self.demand: dict[str, tuple[Decimal, bool]] = {}
+        self.total = ZERO
+        self.with_items = 0
+        self.sent_sku: str | None = None
+        self.sent: tuple[Decimal, bool] | None = None
+        self.event_time = 0
+        self.ident = ""
+
+
+class ProductsStage:
+    """The products stage of one shard."""
+
+    def __init__(self, state: dict[str, ProductNode]) -> None:
+        self.nodes = state
+
+    def process(self, payloads: list[tuple]) -> Out:
+        """Apply fact batches; return routed outputs."""
+        nodes = self.nodes
+        dirty: dict[str, ProductNode] = {}
+        for _, facts in payloads:
+            for f in facts:
+                pid = f.product_id
+                node = nodes.get(pid) or nodes.setdefault(pid, ProductNode())
+                if isinstance(f, ProductFact):
+                    node.sku = f.sku
+                else:  # DemandFact: replace this order's contribution
+                    old = node.demand.pop(f.order_id, None)
+                    if old is not None:
+                        node.total -= old[0]
+                        node.with_items -= old[1]
+                    if f.has_items or f.quantity:
+                        node.demand[f.order_id] = (f.quantity, f.has_items)
+                        node.total += f.quantity
+                        node.with_items += f.has_items
+                if f.event_time >= node.event_time:
+                    node.event_time = f.event_time
+                    node.ident = f.identity
+                dirty[pid] = node
+        out: dict[str, list[SkuDemandFact]] = {}
+        for pid, node in dirty.items():
+            now = (node.total, node.with_items > 0) if node.sku is not None else None
+            if node.sent_sku is not None and (node.sent_sku != node.sku or now is None):
+                out.setdefault(shard(SKUS, node.sent_sku), []).append(
+                    SkuDemandFact(node.sent_sku, pid, ZERO, False, node.event_time, node.ident)
+                )
+                node.sent_sku, node.sent = None, None
+            if now is not None and now != node.sent and (node.sent is not None or any(now)):
+                out.setdefault(shard(SKUS, node.sku), []).append(
+                    SkuDemandFact(node.sku, pid, now[0], now[1], node.event_time, node.ident)
+                )
+                node.sent_sku, node.sent = node.sku, now
+            if node.sku is None and not node.demand and node.sent_sku is None:
+                del nodes[pid]
+        return [(dest, (FACTS, lst)) for dest, lst in out.items()]
+
+
+class SkuNode:
+    """One sku: ERP inventory rows, the ERP item, and Salesforce demand per product."""
+
+    __slots__ = (
+        "inventory",
+        "on_hand",
+        "allocated",
+        "item_live",
+        "demand",
+        "demand_total",
+        "unknown_from",
+        "row",
+        "unknown",
+        "updated",
+        "erp_ident",
+        "sf_ident",
+    )
+
+    def __init__(self) -> None:
+        self.inventory: dict[str, tuple[Decimal, Decimal]] = {}
+        self.on_hand = ZERO
+        self.allocated = ZERO
+        self.item_live = False
+        self.demand: dict[str, Decimal] = {}
+        self.demand_total = ZERO
+        self.unknown_from: set[str] = set()  # products with live items of live orders
+        self.row: tuple | None = None
+        self.unknown = False
+        self.updated = 0
+        self.erp_ident = ""
+        self.sf_ident = ""
+
+
+class SkusStage:
+    """The skus stage of one shard: inventory_live rows and UNKNOWN_SKU."""
+
+    def __init__(self, state: dict[str, SkuNode]) -> None:
+        self.nodes = state
+
+    def process(self, payloads: list[tuple]) -> Out:
+        """Apply fact batches; return routed outputs."""
+        nodes = self.nodes
+        dirty: dict[str, SkuNode] = {}
+        for _, facts in payloads:
+            for f in facts:
+                sku = f.sku
+                node = nodes.get(sku) or nodes.setdefault(sku, SkuNode())
+                if isinstance(f, InventoryFact):
+                    old = node.inventory.pop(f.record_key, None)
+                    if old is not None:
+                        node.on_hand -= old[0]
+                        node.allocated -= old[1]
+                    if f.live:
+                        new = (to_decimal(f.on_hand) or ZERO, to_decimal(f.allocated) or ZERO)
+                        node.inventory[f.record_key] = new
+                        node.on_hand += new[0]
+                        node.allocated += new[1]
+                    node.erp_ident = f.identity
+                elif isinstance(f, ErpItemFact):
+                    node.item_live = f.live
+                    node.erp_ident = f.identity
+                else:  # SkuDemandFact
+                    old_q = node.demand.pop(f.product_id, None)
+                    if old_q is not None:
+                        node.demand_total -= old_q
+                    if f.quantity:
+                        node.demand[f.product_id] = f.quantity
+                        node.demand_total += f.quantity
+                    if f.has_items:
+                        node.unknown_from.add(f.product_id)
+                    else:
+                        node.unknown_from.discard(f.product_id)
+                    if f.identity:
+                        node.sf_ident = f.identity
+                if f.event_time > node.updated:
+                    node.updated = f.event_time
+                dirty[sku] = node
+        rows: dict[tuple, tuple | None] = {}
+        exceptions: list[ExceptionFact] = []
+        for sku, node in dirty.items():
+            demand = whole(node.demand_total)
+            row = None
+            if node.inventory or demand > 0:
+                on_hand, allocated = whole(node.on_hand), whole(node.allocated)
+                row = (
+                    sku,
+                    on_hand,
+                    allocated,
+                    demand,
+                    on_hand - allocated - demand,
+                    node.updated,
+                    _lineage(erp=node.erp_ident, salesforce=node.sf_ident),
+                )
+            if row != node.row:
+                rows[(sku,)] = _flagged(row, node.row)
+                node.row = row
+            unknown = bool(node.unknown_from) and not node.item_live
+            if unknown != node.unknown:
+                exceptions.append(
+                    ExceptionFact(
+                        "UNKNOWN_SKU",
+                        sku,
+                        unknown,
+                        f"ordered in Salesforce ({len(node.unknown_from)} product(s)) "
+                        "but no live ERP item"
+                        if unknown
+                        else "ERP item exists or no longer ordered",
+                        node.updated,
+                    )
+                )
+                node.unknown = unknown
+            if (
+                not node.inventory
+                and not node.demand
+                and not node.unknown_from
+                and not node.item_live
+                and node.row is None
+                and not node.unknown
+            ):
+                del nodes[sku]
+        if rows or exceptions:
+            return [_global({"inventory_live": rows}, exceptions)]
+        return []
+
+
+def _flagged(new: tuple | None, old: tuple | None) -> tuple | None:
+    """The row with a trailing flag: True when a column other than updated_at and
+    lineage (its last two) changed, i.e. when downstream Kafka consumers must hear of it."""
+    if new is None:
+        return None
+    return (*new, old is None or new[:-2] != old[:-2])

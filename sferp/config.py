@@ -1,0 +1,260 @@
+"""Configuration: TOML file, `SFERP_<SECTION>__<KEY>` environment variables, command-line flags.
+
+Precedence (CONTRACT §4.1): flags > environment > file > defaults. Unknown keys
+are an error. Secrets are `SecretStr`, come only from the environment or from
+`<name>_file` settings, and never appear in `redacted()` or in error messages.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+ENV_PREFIX = "SFERP_"
+
+
+class ConfigError(Exception):
+    """Bad configuration: the message is one line naming the setting (exit code 2)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KafkaSettings(_Section):
+    """Connection to the Kafka cluster holding the input and output topics."""
+
+    bootstrap: str = "127.0.0.1:9092"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] = ""
+    sasl_username: str = ""
+    sasl_password: SecretStr | None = None  # environment only
+    sasl_password_file: str = ""
+    ssl_cafile: str = ""
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
+    start: Literal["earliest", "latest"] = "earliest"
+
+    @field_validator("bootstrap")
+    @classmethod
+    def _bootstrap_has_port(cls, v: str) -> str:
+        for hp in v.split(","):
+            host, sep, port = hp.strip().rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(f"expected HOST:PORT[,HOST:PORT...], got {v!r}")
+        return v
+
+
+class TopicSettings(_Section):
+    """Names of the input and output topics (CONTRACT §1 and §3.2)."""
+
+    sf_cdc: str = "sf.cdc"
+    erp_items: str = "erp.public.items"
+    erp_inventory: str = "erp.public.inventory"
+    erp_sales_orders: str = "erp.public.sales_orders"
+    out_inventory: str = "reconciled.inventory"
+    out_orders: str = "reconciled.orders"
+    out_exceptions: str = "reconciled.exceptions"
+    dlq: str = "integration.dlq"
+
+    def input_roles(self) -> dict[str, str]:
+        """Input topic name -> its role (`salesforce` or the ERP table)."""
+        return {
+            self.sf_cdc: "salesforce",
+            self.erp_items: "items",
+            self.erp_inventory: "inventory",
+            self.erp_sales_orders: "sales_orders",
+        }
+
+    def outputs(self) -> list[str]:
+        """All output topic names."""
+        return [self.out_inventory, self.out_orders, self.out_exceptions, self.dlq]
+
+
+class FlowSettings(_Section):
+    """Event-time rules of CONTRACT §2 and operational intervals."""
+
+    dedup_window_s: int = Field(3600, ge=0)
+    allowed_lateness_s: int = Field(30, ge=0)
+    handoff_sla_s: int = Field(900, ge=0)
+    max_future_skew_s: int = Field(300, ge=0)
+    max_message_bytes: int = Field(1_048_576, ge=1)
+    snapshot_interval_s: float = Field(5, gt=0)
+    batch_size: int = Field(2000, ge=1)
+
+
+class ViewSettings(_Section):
+    """Where the DuckDB views live."""
+
+    path: str = "data/views.duckdb"
+
+
+class MetricsSettings(_Section):
+    """Prometheus endpoint of each process: port + process id."""
+
+    port: int = Field(9464, ge=0, le=65535)
+    bind: str = "127.0.0.1"
+
+
+class SalesforceSettings(_Section):
+    """Optional direct Salesforce API connection (polling, re-reads, write-back)."""
+
+    instance_url: str = ""
+    api_version: str = "62.0"
+    auth: Literal["jwt", "client_credentials", "password", "session"] = "jwt"
+    username: str = ""
+    consumer_key: str = ""
+    private_key_file: str = ""
+    consumer_secret: SecretStr | None = None
+    consumer_secret_file: str = ""
+    password: SecretStr | None = None
+    password_file: str = ""
+    security_token: SecretStr | None = None
+    security_token_file: str = ""
+    session_id: SecretStr | None = None
+    session_id_file: str = ""
+    ca_bundle: str = ""
+    poll_objects: list[str] = Field(default_factory=list)
+    poll_interval_s: float = Field(30, gt=0)
+    lookback_s: int = Field(300, ge=0)
+    writeback: bool = False
+    api_reserve_fraction: float = Field(0.2, ge=0, le=1)
+
+
+# Settings that are secrets: they may come from the environment (or `<name>_file`),
+# never from the TOML file, which is often checked in.
+SECRETS = {
+    ("kafka", "sasl_password"),
+    ("salesforce", "consumer_secret"),
+    ("salesforce", "password"),
+    ("salesforce", "security_token"),
+    ("salesforce", "session_id"),
+}
+
+
+class Settings(_Section):
+    """The whole configuration."""
+
+    kafka: KafkaSettings = KafkaSettings()
+    topics: TopicSettings = TopicSettings()
+    flow: FlowSettings = FlowSettings()
+    views: ViewSettings = ViewSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    salesforce: SalesforceSettings = SalesforceSettings()
+
+    def secret(self, section: str, name: str) -> str | None:
+        """The secret's value, from the environment or from its `<name>_file`."""
+        sec = getattr(self, section)
+        value: SecretStr | None = getattr(sec, name)
+        if value is not None:
+            return value.get_secret_value()
+        path = getattr(sec, f"{name}_file", "")
+        if path:
+            try:
+                return Path(path).read_text().strip()
+            except OSError as e:
+                raise ConfigError(f"{section}.{name}_file: cannot read {path}: {e.strerror}") from e
+        return None
+
+    def kafka_client_config(self) -> dict[str, Any]:
+        """kafka-python keyword arguments for security (TLS, SASL)."""
+        k = self.kafka
+        cfg: dict[str, Any] = {"security_protocol": k.security_protocol}
+        if k.security_protocol in ("SSL", "SASL_SSL"):
+            if k.ssl_cafile:
+                cfg["ssl_cafile"] = k.ssl_cafile
+            if k.ssl_certfile:
+                cfg["ssl_certfile"] = k.ssl_certfile
+            if k.ssl_keyfile:
+                cfg["ssl_keyfile"] = k.ssl_keyfile
+        if k.security_protocol.startswith("SASL"):
+            if not k.sasl_mechanism:
+                raise ConfigError("kafka.sasl_mechanism: required with a SASL security_protocol")
+            cfg["sasl_mechanism"] = k.sasl_mechanism
+            if k.sasl_mechanism != "OAUTHBEARER":
+                password = self.secret("kafka", "sasl_password")
+                if not k.sasl_username or password is None:
+                    raise ConfigError(
+                        "kafka.sasl_username and SFERP_KAFKA__SASL_PASSWORD (or "
+                        "kafka.sasl_password_file): required for SASL " + k.sasl_mechanism
+                    )
+                cfg["sasl_plain_username"] = k.sasl_username
+                cfg["sasl_plain_password"] = password
+        return cfg
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as a dict, secrets replaced by '***' (safe to log)."""
+        return self.model_dump(mode="json")  # SecretStr dumps as '**********'
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    sections = Settings.model_fields
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
+        if section not in sections:
+            raise ConfigError(f"{name}: unknown section {section!r}")
+        model = sections[section].annotation
+        fields = model.model_fields  # type: ignore[union-attr]
+        if key not in fields:
+            raise ConfigError(f"{name}: unknown setting {section}.{key}")
+        if fields[key].annotation == list[str]:
+            out.setdefault(section, {})[key] = [v.strip() for v in value.split(",") if v.strip()]
+        else:
+            out.setdefault(section, {})[key] = value
+    return out
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(merged.get(k), dict):
+            merged[k] = _deep_merge(merged[k], v)
+        else:
+            merged[k] = v
+    return merged
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    environ: dict[str, str] | None = None,
+) -> Settings:
+    """Build the settings from file, environment and flag overrides; raise ConfigError."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError as e:
+            raise ConfigError(f"--config: file not found: {path}") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"--config: {path} is not valid TOML: {e}") from e
+        for section, values in data.items():
+            if isinstance(values, dict):
+                for key in values:
+                    if (section, key) in SECRETS:
+                        raise ConfigError(
+                            f"{section}.{key}: secrets are not read from the config file; use "
+                            f"SFERP_{section.upper()}__{key.upper()} or {section}.{key}_file"
+                        )
+    env = _env_overrides(dict(os.environ if environ is None else environ))
+    data = _deep_merge(data, env)
+    if overrides:
+        data = _deep_merge(data, overrides)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown setting"
+        raise ConfigError(f"{loc}: {msg}") from None

@@ -1,0 +1,159 @@
+"""Running the reconcile flow: settings, recovery store, cluster flags, clean stop.
+
+Bytewax 0.21 does not stop cleanly by itself (SIGTERM ends the process at
+once, nothing flushed or snapshotted). We install our own SIGTERM/SIGINT
+handlers that make every source partition end, so the dataflow drains, the
+sinks flush, the last snapshot is written, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sferp.config import ConfigError, Settings, load_settings
+
+log = logging.getLogger("sferp")
+
+# Recovery partitions created in a new store. Bytewax spreads snapshots over
+# them by key; a cluster of any size can use any count, and more partitions
+# let more workers write snapshots in parallel. 8 leaves room to grow to 8
+# workers without contention; it cannot be changed for an existing store.
+RECOVERY_PARTITIONS = 8
+
+
+@dataclass
+class RunOptions:
+    """Everything `sferp run` decides besides the settings."""
+
+    bounded: bool = False
+    views_path: str | None = None
+    recovery_dir: str | None = None
+    workers_per_process: int = 1
+    process_id: int | None = None
+    addresses: list[str] | None = None
+    stop_event: threading.Event = field(default_factory=threading.Event)
+    install_signals: bool = True
+    kafka_outputs: bool = True
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings from --config, the environment and the flags (flags win)."""
+    overrides: dict[str, dict[str, Any]] = {}
+    if args.bootstrap:
+        overrides.setdefault("kafka", {})["bootstrap"] = args.bootstrap
+    if getattr(args, "start", None):
+        overrides.setdefault("kafka", {})["start"] = args.start
+    if args.views:
+        overrides.setdefault("views", {})["path"] = args.views
+    return load_settings(args.config, overrides=overrides)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """`sferp run`: validate, then run the flow until caught up or stopped."""
+    settings = settings_from_args(args)
+    addresses = [a for a in (args.addresses or "").split(";") if a] or None
+    if args.workers_per_process < 1:
+        raise ConfigError("-w/--workers-per-process: must be at least 1")
+    if (args.process_id is None) != (addresses is None):
+        raise ConfigError("-i/--process-id and -a/--addresses: give both or neither")
+    if addresses and not 0 <= args.process_id < len(addresses):
+        raise ConfigError(f"-i/--process-id: must be between 0 and {len(addresses) - 1}")
+    _setup_logging(args.log_format)
+    opts = RunOptions(
+        bounded=args.until_caught_up,
+        views_path=args.views,
+        recovery_dir=args.recovery_dir,
+        workers_per_process=args.workers_per_process,
+        process_id=args.process_id,
+        addresses=addresses,
+    )
+    return run_flow(settings, opts)
+
+
+def _setup_logging(fmt: str) -> None:
+    if logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(
+            logging.Formatter(
+                '{"time":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s",'
+                '"message":"%(message)s"}'
+            )
+        )
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+
+
+def prepare_recovery(recovery_dir: str) -> Any:
+    """Create and initialise the recovery store when empty; return Bytewax's RecoveryConfig."""
+    from bytewax.recovery import RecoveryConfig, init_db_dir
+
+    path = Path(recovery_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    if not any(path.iterdir()):
+        init_db_dir(path, RECOVERY_PARTITIONS)
+        log.info("initialised recovery store %s with %d partitions", path, RECOVERY_PARTITIONS)
+    else:
+        log.info("resuming from recovery store %s", path)
+    return RecoveryConfig(str(path))
+
+
+def run_flow(settings: Settings, opts: RunOptions) -> int:
+    """Build and run the reconcile flow in this process; return the exit code."""
+    from bytewax._bytewax import cli_main
+
+    from sferp.flows.reconcile import FlowOptions, build_flow
+
+    recovery_config = prepare_recovery(opts.recovery_dir) if opts.recovery_dir else None
+    views_path = opts.views_path or settings.views.path
+    Path(views_path).parent.mkdir(parents=True, exist_ok=True)
+    flow_opts = FlowOptions(
+        bounded=opts.bounded,
+        views_path=views_path,
+        recovery=recovery_config is not None,
+        writer=opts.process_id in (None, 0),
+        stop_event=opts.stop_event,
+        kafka_outputs=opts.kafka_outputs,
+    )
+    flow = build_flow(settings, flow_opts)
+    previous: dict[int, Any] = {}
+    if opts.install_signals and threading.current_thread() is threading.main_thread():
+
+        def stop(signum: int, _frame: Any) -> None:
+            log.info("received %s: finishing the current batch, flushing, snapshotting", signum)
+            opts.stop_event.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, stop)
+    log.info(
+        "starting: bootstrap=%s views=%s bounded=%s workers=%d process=%s",
+        settings.kafka.bootstrap,
+        views_path,
+        opts.bounded,
+        opts.workers_per_process,
+        opts.process_id,
+    )
+    try:
+        cli_main(
+            flow,
+            workers_per_process=opts.workers_per_process,
+            process_id=opts.process_id,
+            addresses=opts.addresses,
+            epoch_interval=timedelta(seconds=settings.flow.snapshot_interval_s),
+            recovery_config=recovery_config,
+        )
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    log.info("stopped")
+    return 0

@@ -1,0 +1,127 @@
+"""Configuration: file, environment and flag precedence; unknown keys and secrets."""
+
+import subprocess
+import sys
+
+import pytest
+
+from sferp.config import ConfigError, load_settings
+
+
+def write(tmp_path, text):
+    p = tmp_path / "sferp.toml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_match_contract():
+    s = load_settings(environ={})
+    assert s.kafka.bootstrap == "127.0.0.1:9092"
+    assert s.topics.sf_cdc == "sf.cdc"
+    assert s.topics.dlq == "integration.dlq"
+    assert s.flow.dedup_window_s == 3600
+    assert s.flow.allowed_lateness_s == 30
+    assert s.flow.handoff_sla_s == 900
+    assert s.flow.max_future_skew_s == 300
+    assert s.flow.max_message_bytes == 1048576
+    assert s.views.path == "data/views.duckdb"
+    assert s.metrics.port == 9464
+    assert s.metrics.bind == "127.0.0.1"
+    assert s.salesforce.api_reserve_fraction == 0.2
+
+
+def test_precedence_flags_over_env_over_file(tmp_path):
+    f = write(
+        tmp_path, '[kafka]\nbootstrap = "file:1"\nstart = "latest"\n[flow]\nhandoff_sla_s = 60\n'
+    )
+    env = {"SFERP_KAFKA__BOOTSTRAP": "env:2", "SFERP_FLOW__HANDOFF_SLA_S": "120"}
+    s = load_settings(f, environ=env)
+    assert s.kafka.bootstrap == "env:2"
+    assert s.kafka.start == "latest"
+    assert s.flow.handoff_sla_s == 120
+    s = load_settings(f, environ=env, overrides={"kafka": {"bootstrap": "flag:3"}})
+    assert s.kafka.bootstrap == "flag:3"
+
+
+def test_env_list_setting():
+    s = load_settings(environ={"SFERP_SALESFORCE__POLL_OBJECTS": "Order, OrderItem"})
+    assert s.salesforce.poll_objects == ["Order", "OrderItem"]
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("[kafka]\nbootsrap = 'x:1'\n", "kafka.bootsrap"),
+        ("[nonsense]\na = 1\n", "nonsense"),
+        ("[flow]\ndedup_window_s = -1\n", "flow.dedup_window_s"),
+        ("[kafka]\nstart = 'middle'\n", "kafka.start"),
+        ("[kafka]\nbootstrap = 'no-port'\n", "kafka.bootstrap"),
+        ("[kafka]\nsasl_password = 'hunter2'\n", "kafka.sasl_password"),
+        ("not toml [", "TOML"),
+    ],
+)
+def test_bad_configuration_names_the_setting(tmp_path, text, needle):
+    with pytest.raises(ConfigError) as e:
+        load_settings(write(tmp_path, text), environ={})
+    msg = str(e.value)
+    assert needle in msg
+    assert "\n" not in msg
+    assert "hunter2" not in msg
+
+
+def test_unknown_env_key_is_an_error():
+    with pytest.raises(ConfigError, match="SFERP_FLOW__NOPE"):
+        load_settings(environ={"SFERP_FLOW__NOPE": "1"})
+
+
+def test_secrets_from_env_or_file_never_in_dump(tmp_path):
+    pw = tmp_path / "pw"
+    pw.write_text("s3cret-file\n")
+    f = write(
+        tmp_path,
+        "[kafka]\nsecurity_protocol = 'SASL_SSL'\nsasl_mechanism = 'SCRAM-SHA-512'\n"
+        f"sasl_username = 'svc'\nsasl_password_file = '{pw}'\n",
+    )
+    s = load_settings(f, environ={})
+    cfg = s.kafka_client_config()
+    assert cfg["sasl_plain_password"] == "s3cret-file"
+    assert cfg["sasl_mechanism"] == "SCRAM-SHA-512"
+    s = load_settings(f, environ={"SFERP_KAFKA__SASL_PASSWORD": "s3cret-env"})
+    assert s.kafka_client_config()["sasl_plain_password"] == "s3cret-env"
+    assert "s3cret" not in repr(s.redacted())
+    assert "s3cret" not in repr(s)
+
+
+def test_sasl_without_password_is_a_config_error():
+    s = load_settings(
+        environ={
+            "SFERP_KAFKA__SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+            "SFERP_KAFKA__SASL_MECHANISM": "PLAIN",
+        }
+    )
+    with pytest.raises(ConfigError, match="sasl"):
+        s.kafka_client_config()
+
+
+def test_cli_bad_config_exits_2_with_one_line(tmp_path):
+    f = write(tmp_path, "[flow]\nunknown_knob = 3\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "sferp", "run", "--config", str(f), "--until-caught-up"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "flow.unknown_knob" in lines[0]
+
+
+def test_cli_usage_errors_exit_2():
+    r = subprocess.run(
+        [sys.executable, "-m", "sferp", "run", "-i", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2
+    assert "addresses" in r.stderr
