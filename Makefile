@@ -35,5 +35,8 @@ fmt: venv
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+fuzz: venv
+	SFERP_FUZZ_EXAMPLES=20000 $(BIN)/python -m pytest tests/test_decode_fuzz.py -q
+
 clean:
 	rm -rf $(VENV) data .pytest_cache .ruff_cache *.egg-info

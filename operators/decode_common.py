@@ -6,9 +6,10 @@ only for messages orjson refuses (docs/semantics.md §1, steps 3 and 4).
 
 from __future__ import annotations
 
+import base64
 import json
 import re
-from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal
+from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal, InvalidOperation
 from typing import Any
 
 import orjson
@@ -42,9 +43,9 @@ REASONS = frozenset(
 
 # `Ignored.why` values.
 IGNORED_TOMBSTONE = "tombstone"
-IGNORED_ENTITY = "other_entity"
-IGNORED_TRUNCATE = "truncate"
-IGNORED_MESSAGE = "logical_message"
+IGNORED_ENTITY = "entity"  # a Salesforce entity the views do not use
+IGNORED_TRUNCATE = "op_t"
+IGNORED_MESSAGE = "op_m"
 
 RAW_LIMIT = 65_536
 
@@ -87,25 +88,21 @@ def _reject_constant(name: str) -> Any:
     raise _Reject(name)
 
 
-def _finite_float(text: str) -> float:
-    f = float(text)
-    if f - f != 0.0:  # inf (nan cannot come from a JSON number)
-        raise _Reject(text)
-    return f
-
-
-_STD_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+_STD_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
 
 
 def parse_json_fallback(value: bytes) -> tuple[Any, str | None]:
     """Parse what orjson refused: `(obj, None)` or `(None, reason)`.
 
-    Accepts valid JSON that orjson refuses (integers too large for a double are
-    kept exact). Rejects as `not_json`: invalid UTF-8, a BOM, NaN/Infinity,
-    numbers whose value overflows a double, and escaped lone surrogates (they
-    cannot be stored as UTF-8 downstream). Documents nested beyond what the
-    parsers can recurse into are validated iteratively and reported `too_deep`.
+    Accepts valid JSON that orjson refuses: integers too large for a double are
+    kept exact, numbers that overflow a double read as infinity (numeric columns
+    then reject them as `bad_number`). Rejects as `not_json`: invalid UTF-8, a
+    BOM, NaN/Infinity literals, integer literals beyond Python's 4,300-digit
+    conversion limit (their conversion is quadratic), and escaped lone
+    surrogates (no UTF-8 text can hold them, so nothing downstream could store
+    them). Documents nested beyond what the parsers can recurse into are
+    validated iteratively and reported `too_deep`.
     """
     try:
         text = bytes(value).decode("utf-8")
@@ -115,19 +112,11 @@ def parse_json_fallback(value: bytes) -> tuple[Any, str | None]:
         obj = _STD_DECODER.decode(text)
     except RecursionError:
         return None, (TOO_DEEP if _valid_json_iterative(text) else NOT_JSON)
-    except ValueError:  # JSONDecodeError, _Reject, int digit limit
+    except ValueError:  # JSONDecodeError, _Reject, the integer digit limit
         return None, NOT_JSON
     if _SURROGATE_ESCAPE.search(text) is not None and _has_lone_surrogate(obj):
         return None, NOT_JSON
     return obj, None
-
-
-def parse_json_exact(value: bytes) -> Any:
-    """Parse with the standard library (exact integers); only called on valid JSON."""
-    obj, reason = parse_json_fallback(value)
-    if reason is not None:
-        raise ValueError(reason)
-    return obj
 
 
 def _has_lone_surrogate(obj: Any) -> bool:
@@ -150,6 +139,7 @@ _TOKEN = re.compile(
     re.VERBOSE,
 )
 _TRAILING_WS = re.compile(r"[ \t\n\r]*\Z")
+_INT_LITERAL = re.compile(r"-?[0-9]+")
 
 
 def _valid_json_iterative(text: str) -> bool:
@@ -160,7 +150,6 @@ def _valid_json_iterative(text: str) -> bool:
     # "e" value or "]" expected (just opened array)
     state = "v"
     pos = 0
-    n = len(text)
     match = _TOKEN.match
     while True:
         if state == "a" and not stack:
@@ -177,11 +166,8 @@ def _valid_json_iterative(text: str) -> bool:
             if state in ("k", "K"):
                 state = ":"
                 continue
-        if kind == "n":
-            try:
-                _finite_float(tok)
-            except _Reject:
-                return False
+        if kind == "n" and len(tok) > 4300 and _INT_LITERAL.fullmatch(tok):
+            return False  # the digit limit, as in parse_json_fallback
         if kind in ("s", "n", "l"):
             if state not in ("v", "e"):
                 return False
@@ -211,8 +197,6 @@ def _valid_json_iterative(text: str) -> bool:
             if state != "a" or not stack:
                 return False
             state = "K" if stack[-1] == "{" else "v"
-        if pos > n:  # pragma: no cover - regex never passes the end
-            return False
 
 
 def deeper_than(obj: Any, limit: int) -> bool:
@@ -234,19 +218,22 @@ def _within(obj: Any, budget: int) -> bool:
 
 # --- numbers ---------------------------------------------------------------
 
-_DECIMAL_STRING = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
-
 
 def is_decimal_string(s: str) -> bool:
-    """A plain ASCII decimal literal (`12.50`, `-3`, `1.2E+3`): finite by construction."""
-    return _DECIMAL_STRING.fullmatch(s) is not None
+    """A string that parses as a finite decimal (`"12.50"`, `"-3"`, `"1.2E+3"`)."""
+    try:
+        return Decimal(s).is_finite()
+    except (InvalidOperation, ValueError):
+        return False
 
 
 def is_number_value(v: object) -> bool:
-    """Valid numeric column value: a JSON number (not bool) or a decimal string; null excluded."""
+    """Valid numeric value: a finite JSON number (not bool) or a decimal string; null excluded."""
     t = type(v)
-    if t is int or t is float:
+    if t is int:
         return True
+    if t is float:
+        return v - v == 0.0  # type: ignore[operator]  # false for inf
     return t is str and is_decimal_string(v)  # type: ignore[arg-type]
 
 
@@ -255,7 +242,6 @@ def is_number_value(v: object) -> bool:
 MAX_DECIMAL_BYTES = 1024
 MAX_ABS_SCALE = 16_383
 _EXACT = Context(prec=MAX_PREC, Emax=MAX_EMAX, Emin=MIN_EMIN)
-_B64_CHARS = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
 
 
 def decode_base64_decimal(s: str, scale: int) -> str | None:
@@ -264,11 +250,12 @@ def decode_base64_decimal(s: str, scale: int) -> str | None:
     Returns the decimal as Debezium's string mode would send it (plain notation
     with the scale, `"12.50"`), or None when `s` is not such a value.
     """
-    if not s or len(s) > (MAX_DECIMAL_BYTES * 4) // 3 + 4 or _B64_CHARS.fullmatch(s) is None:
+    if not s or len(s) > (MAX_DECIMAL_BYTES * 4) // 3 + 4:
         return None
-    import base64
-
-    raw = base64.b64decode(s)
+    try:
+        raw = base64.b64decode(s, validate=True)
+    except ValueError:  # binascii.Error, or text that is not ASCII
+        return None
     if not raw or len(raw) > MAX_DECIMAL_BYTES:
         return None
     unscaled = int.from_bytes(raw, "big", signed=True)

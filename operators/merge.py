@@ -10,6 +10,8 @@ At the end of each batch every record that changed is rendered once: its
 
 from __future__ import annotations
 
+import json
+import math
 from typing import Any
 
 import orjson
@@ -162,6 +164,19 @@ class ErpRecord:
         return self.del_image or {}
 
 
+def fields_json(fields: dict[str, Any]) -> str:
+    """Compact JSON with sorted keys; exact for integers beyond 64 bits (orjson refuses them)."""
+    try:
+        return orjson.dumps(fields, option=_SORTED).decode()
+    except TypeError:
+        # Non-finite floats become null, as orjson writes them.
+        clean = {
+            k: None if isinstance(v, float) and not math.isfinite(v) else v
+            for k, v in fields.items()
+        }
+        return json.dumps(clean, sort_keys=True, separators=(",", ":"), default=str)
+
+
 def _s(value: Any) -> str | None:
     """A key column as a string (ERP keys may be integers)."""
     if value is None:
@@ -211,7 +226,10 @@ class Merger:
                     if s is None:
                         s = stats[ch.topic] = [0, 0, 0, 0, 0, 0]
                     s[CONSUMED] += 1
-                if dedup.check_and_add(ch.identity, ch.event_time, clock):
+                # Copies of one multi-record event may share a shard: each copy
+                # but the primary is remembered under its own record key too.
+                ident = ch.identity if ch.primary else f"{ch.identity}|{ch.key}"
+                if dedup.check_and_add(ident, ch.event_time, clock):
                     if ch.primary:
                         s[DUPLICATES] += 1
                     continue
@@ -274,7 +292,7 @@ class Merger:
                 entity,
                 key,
                 deleted,
-                orjson.dumps(fields, option=_SORTED).decode(),
+                fields_json(fields),
                 version_string(rec.top[0]),
                 rec.event_time,
             )
