@@ -228,6 +228,7 @@ def build_flow(settings: Settings, opts: FlowOptions) -> Dataflow:
             topics=out_topics,
             live=live,
             max_future_skew_ms=fs.max_future_skew_s * 1000,
+            input_topics=tuple(roles),
         )
         return _CoordinatorLogic(coord, rec, live)
 
@@ -240,7 +241,9 @@ def build_flow(settings: Settings, opts: FlowOptions) -> Dataflow:
     op.output(
         "views",
         deltas,
-        DuckDBViewsSink(opts.views_path or settings.views.path, writer=opts.writer),
+        DuckDBViewsSink(
+            opts.views_path or settings.views.path, writer=opts.writer, undo=opts.recovery
+        ),
     )
     if opts.kafka_outputs:
         records = op.flat_map("kafka_records", coordinated, lambda kv: kv[1][1])

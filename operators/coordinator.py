@@ -102,14 +102,17 @@ class Coordinator:
         topics: OutputTopics,
         live: bool = False,
         max_future_skew_ms: int = 300_000,
+        input_topics: tuple[str, ...] = (),
     ) -> None:
         self.state = state
+        for topic in input_topics:  # flow_stats has a row for every input topic
+            state.stats.setdefault(topic, [0, 0, 0, 0, 0, 0])
+        self._unwritten = set(input_topics)
         self.sla = handoff_sla_ms
         self.topics = topics
         self.live = live
         self.skew = max_future_skew_ms
         self._anchor_wall = _wall_ms()
-        self._anchor_clock = state.clock
 
     def now(self) -> int:
         """The flow's clock: event time, aged by wall clock when live (CONTRACT §2)."""
@@ -125,7 +128,8 @@ class Coordinator:
         st = self.state
         delta: dict[str, dict[tuple, tuple | None]] = {}
         kafka: list[tuple[str, bytes, bytes | None]] = []
-        touched_topics: set[str] = set()
+        touched_topics: set[str] = self._unwritten
+        self._unwritten = set()
         for gi in inputs:
             for topic, vec in gi.stats.items():
                 acc = st.stats.get(topic)

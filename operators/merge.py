@@ -383,7 +383,12 @@ def _facts(entity: str, source: str, key: str, rec: Any, send: Any) -> None:
     live = rec.live
     if entity == "sales_orders":
         raw = f.get("sf_order_id")
-        sf_id = to18(raw) if isinstance(raw, str) and raw != "" else None
+        if raw is None or raw == "":
+            sf_id = None  # never linked, never an orphan
+        elif isinstance(raw, str):
+            sf_id = to18(raw)
+        else:  # not an Id at all: names no Order, so it is an orphan
+            sf_id = "\x00" + orjson.dumps(raw).decode()
         order_no = _s(f.get("order_no"))
         if order_no is None:
             order_no = _s(orjson.loads(key).get("order_no")) or key

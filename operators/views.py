@@ -270,9 +270,10 @@ def _order_no_of(record_key: str) -> str:
 
 
 def _str_or_none(v: Any) -> str | None:
+    """A VARCHAR cell: strings as they are, other JSON values as compact JSON."""
     if v is None:
         return None
-    return v if isinstance(v, str) else str(v)
+    return v if isinstance(v, str) else orjson.dumps(v).decode()
 
 
 class ProductNode:
