@@ -54,9 +54,11 @@ class FlowOptions:
 def make_router(cfg: DecodeConfig, *, live: bool, max_future_skew_ms: int) -> Any:
     """Decode a batch of raw messages and route its outcomes to merge shards.
 
-    Each change is stamped with the clock as of its own message (the largest
-    event time so far in this batch); afterwards every merge shard gets a tick
-    with the batch's clock, so all shards see the global clock advance.
+    Each change is stamped with its partition's clock as of its own message (the
+    largest event time so far in this batch); afterwards every merge shard gets
+    a tick with the batch's partition clocks, so every shard knows how far each
+    partition has got (de-duplication forgets by the partition's clock,
+    lateness is judged by the largest of them).
     """
 
     def route(batch: list[RawMessage]) -> list[tuple[str, tuple]]:
@@ -67,8 +69,15 @@ def make_router(cfg: DecodeConfig, *, live: bool, max_future_skew_ms: int) -> An
         per_shard: dict[str, tuple[list, list]] = {}
         stats: dict[str, list[int]] = {}
         dead: list[DeadLetter] = []
+        clocks: dict[tuple[str, int], int] = {}  # per partition (a Kafka batch has one)
+        tp: tuple[str, int] | None = None
         clock = -1
         for o in outcomes:
+            if tp is None or o.partition != tp[1] or o.topic != tp[0]:
+                if tp is not None:
+                    clocks[tp] = clock
+                tp = (o.topic, o.partition)
+                clock = clocks.get(tp, -1)
             if type(o) is Change:
                 t = o.event_time
                 if clock < t <= cap:
@@ -92,13 +101,17 @@ def make_router(cfg: DecodeConfig, *, live: bool, max_future_skew_ms: int) -> An
                 t = o.event_time
                 if t is not None and clock < t <= cap:
                     clock = t
+        if tp is not None:
+            clocks[tp] = clock
+        clocks = {k: v for k, v in clocks.items() if v >= 0}
         out: list[tuple[str, tuple]] = [
             (dest, (CHANGES, chs, stamps)) for dest, (chs, stamps) in per_shard.items()
         ]
-        if clock >= 0:
-            out.extend((dest, (TICK, clock)) for dest in _TICK_SHARDS)
-        if stats or clock >= 0:
-            gi = GlobalInput(stats, clock if clock >= 0 else None, dead, {}, [], [], [])
+        if clocks:
+            out.extend((dest, (TICK, clocks)) for dest in _TICK_SHARDS)
+        if stats or clocks:
+            top = max(clocks.values()) if clocks else None
+            gi = GlobalInput(stats, top, dead, {}, [], [], [])
             out.append((GLOBAL, (GLOBAL_IN, gi)))
         return out
 

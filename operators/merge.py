@@ -187,13 +187,14 @@ def _s(value: Any) -> str | None:
 class MergeState:
     """Everything one merge shard remembers (pickled into Bytewax snapshots)."""
 
-    __slots__ = ("dedup", "records", "gaps", "clock")
+    __slots__ = ("dedup", "records", "gaps", "clock", "partition_clocks")
 
     def __init__(self, window_ms: int) -> None:
         self.dedup = DedupWindow(window_ms)
         self.records: dict[tuple[str, str, str], SfRecord | ErpRecord] = {}
         self.gaps: dict[str, list] = {}  # resync key -> [gap stamp, open emitted?, event_time]
-        self.clock = 0
+        self.clock = 0  # the largest partition clock this shard has heard of
+        self.partition_clocks: dict[tuple[str, int], int] = {}
 
 
 class Merger:
@@ -212,15 +213,23 @@ class Merger:
         stats: dict[str, list[int]] = {}
         dirty: dict[tuple[str, str, str], SfRecord | ErpRecord] = {}
         dirty_gaps: set[str] = set()
+        pclock = st.partition_clocks
         for payload in payloads:
             if payload[0] == TICK:
-                if payload[1] > st.clock:
-                    st.clock = payload[1]
+                for tp, c in payload[1].items():
+                    if c > pclock.get(tp, -1):
+                        pclock[tp] = c
+                    if c > st.clock:
+                        st.clock = c
                 continue
             _, changes, stamps = payload
             for ch, stamp in zip(changes, stamps, strict=True):
-                clock = st.clock if st.clock > stamp else stamp
-                st.clock = clock
+                tp = (ch.topic, ch.partition)
+                clock = pclock.get(tp, -1)
+                if stamp > clock:
+                    clock = pclock[tp] = stamp
+                    if stamp > st.clock:
+                        st.clock = stamp
                 if ch.primary:
                     s = stats.get(ch.topic)
                     if s is None:
@@ -229,7 +238,7 @@ class Merger:
                 # Copies of one multi-record event may share a shard: each copy
                 # but the primary is remembered under its own record key too.
                 ident = ch.identity if ch.primary else f"{ch.identity}|{ch.key}"
-                if dedup.check_and_add(ident, ch.event_time, clock):
+                if dedup.check_and_add(ident, ch.event_time, clock, tp):
                     if ch.primary:
                         s[DUPLICATES] += 1
                     continue
@@ -249,7 +258,7 @@ class Merger:
                 if ch.source == SALESFORCE and ch.key in st.gaps:
                     dirty_gaps.add(ch.key)
         if st.dedup.window_ms:
-            dedup.expire(st.clock)
+            dedup.expire(pclock)
         return self._render(stats, dirty, dirty_gaps)
 
     def _gap(self, ch: Change, dirty_gaps: set[str]) -> None:

@@ -21,6 +21,7 @@ from sferp.compare import diff, load_views
 from sferp.config import load_settings
 from sferp.events import RawMessage
 from sferp.generator import GeneratorConfig, generate, produce
+from sferp.query import run_query
 from sferp.reference import ReferenceConfig, compute
 from sferp.runner import RunOptions, run_flow
 
@@ -89,11 +90,12 @@ def cli_demo(argv: list[str]) -> int:
         )
         flow_s = time.monotonic() - t1
     with duckdb.connect(str(views), read_only=True) as con:
-        consumed = con.sql("SELECT sum(consumed) FROM flow_stats").fetchone()[0] or 0
-        print(f"flow caught up: {consumed:,} messages in {flow_s:.1f} s\n")
-        for title, sql in QUERIES:
-            print(f"== {title}")
-            con.sql(sql).show(max_width=120)
+        consumed = con.execute("SELECT sum(consumed) FROM flow_stats").fetchone()[0] or 0
+    print(f"flow caught up: {consumed:,} messages in {flow_s:.1f} s\n")
+    for title, sql in QUERIES:
+        print(f"== {title}")
+        run_query(sql, str(views))
+        print()
     expected = compute(generated_messages(gen), ReferenceConfig.default())
     problems = diff(expected, load_views(views))
     total = time.monotonic() - t0

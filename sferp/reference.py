@@ -585,13 +585,20 @@ class _State:
     invoiced: dict[str, int] = field(default_factory=dict)  # sales_orders key -> earliest time
     seen: dict[str, int] = field(default_factory=dict)  # identity -> event time
     clock: int | None = None
+    # The clock of each partition: forgetting a de-duplication identity is judged
+    # by the clock of the partition its copies arrive on (docs/semantics.md §2).
+    partition_clock: dict[tuple[str, int], int] = field(default_factory=dict)
     stats: dict[str, dict[str, int]] = field(default_factory=dict)
     late: dict[str, int] = field(default_factory=dict)
     dead_letters: set[tuple[str, int, int, str, str]] = field(default_factory=set)
 
-    def tick(self, event_time: int | None) -> None:
+    def tick(self, event_time: int | None, msg: RawMessage | None = None) -> None:
         if event_time is not None and (self.clock is None or event_time > self.clock):
             self.clock = event_time
+        if event_time is not None and msg is not None:
+            tp = (msg.topic, msg.partition)
+            if event_time > self.partition_clock.get(tp, event_time - 1):
+                self.partition_clock[tp] = event_time
 
     def consume(self, msg: RawMessage) -> None:
         """Account for one message and apply it (docs/semantics.md §1-§2)."""
@@ -605,18 +612,20 @@ class _State:
             return
         if type(outcome) is Ignored:
             stats["ignored"] += 1
-            self.tick(outcome.event_time)
+            self.tick(outcome.event_time, msg)
             return
         first = outcome[0]
         remembered = self.seen.get(first.identity)
         window_ms = self.config.dedup_window_s * 1000
-        if (
-            remembered is not None
-            and self.clock is not None
-            and self.clock <= remembered + window_ms
-        ):
+        # The partition's clock, this message included (it cannot make a copy expire:
+        # a copy carries its original's event time).
+        partition_clock = max(
+            self.partition_clock.get((msg.topic, msg.partition), first.event_time),
+            first.event_time,
+        )
+        if remembered is not None and partition_clock <= remembered + window_ms:
             stats["duplicates"] += 1
-            self.tick(first.event_time)
+            self.tick(first.event_time, msg)
             return
         stats["applied"] += 1
         if (
@@ -630,7 +639,7 @@ class _State:
                 self.apply_sf(change)
             else:
                 self.apply_erp(change)
-        self.tick(first.event_time)
+        self.tick(first.event_time, msg)
 
     def apply_sf(self, change: Change) -> None:
         rank = (change.order, change.identity)
