@@ -7,11 +7,11 @@ from pathlib import Path
 
 from bytewax._bytewax import cli_main
 from bytewax.testing import TestingSource
+from sferp.flows.reconcile import FlowOptions, build_flow
 
 from sferp.compare import Views, load_views
 from sferp.config import load_settings
 from sferp.events import RawMessage
-from sferp.flows.reconcile import FlowOptions, build_flow
 
 
 def run_in_memory(

@@ -56,11 +56,13 @@ def test_any_order_duplication_and_worker_split_give_the_same_views(data, tmp_pa
 @pytest.mark.parametrize("seed, workers", [(1, 1), (2, 2), (3, 1)])
 def test_generated_stream_with_faults_equals_reference(seed, workers, tmp_path):
     msgs = generated_messages(
-        GeneratorConfig(orders=1500, duplicates=0.05, disorder=0.2, bad=0.01, partitions=3, seed=seed)
+        GeneratorConfig(
+            orders=1500, duplicates=0.05, disorder=0.2, bad=0.01, partitions=3, seed=seed
+        )
     )
     views = run_in_memory(msgs, tmp_path / "views.duckdb", workers=workers, batch=700)
     expected = compute(msgs)
     assert diff(expected, views) == []
-    for topic, s in views.flow_stats.items():
+    for s in views.flow_stats.values():
         assert s["consumed"] == s["applied"] + s["duplicates"] + s["dead_lettered"] + s["ignored"]
     assert views.dead_letters and any(s["duplicates"] for s in views.flow_stats.values())
