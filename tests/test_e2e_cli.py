@@ -1,0 +1,219 @@
+"""End to end through the embedded broker and the `sferp` command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from kafka import KafkaConsumer, TopicPartition
+
+from sferp.compare import diff, load_views
+from sferp.demo import generated_messages
+from sferp.generator import GeneratorConfig, produce
+from sferp.reference import ReferenceConfig, compute
+
+ROLES = ("sf_cdc", "erp_items", "erp_inventory", "erp_sales_orders")
+OUTPUTS = ("out_inventory", "out_orders", "out_exceptions", "dlq")
+REF_ROLE = {
+    "sf_cdc": "salesforce",
+    "erp_items": "items",
+    "erp_inventory": "inventory",
+    "erp_sales_orders": "sales_orders",
+}
+
+
+@pytest.fixture
+def world(topics, tmp_path):
+    """Fresh topics, a config file naming them, and a way to produce a generated stream."""
+    names = topics({role: 3 for role in ROLES} | {role: 1 for role in OUTPUTS})
+    config = tmp_path / "sferp.toml"
+    lines = ["[topics]"] + [f'{role} = "{name}"' for role, name in names.items()]
+    config.write_text("\n".join(lines) + "\n")
+    return names, config
+
+
+def gen_config(names, orders, seed, **kw):
+    return GeneratorConfig(
+        orders=orders,
+        duplicates=kw.get("duplicates", 0.05),
+        disorder=kw.get("disorder", 0.2),
+        bad=kw.get("bad", 0.01),
+        partitions=3,
+        seed=seed,
+        topics={role: names[role] for role in ROLES},
+    )
+
+
+def reference_for(names, cfg):
+    ref_cfg = ReferenceConfig(topics={names[r]: REF_ROLE[r] for r in ROLES})
+    return compute(generated_messages(cfg), ref_cfg)
+
+
+def sferp(*args, timeout=300, **kw):
+    return subprocess.run(
+        [sys.executable, "-m", "sferp", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kw,
+    )
+
+
+def read_topic(bootstrap, topic):
+    """Every message of a one-partition topic, read until nothing new arrives."""
+    c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    tp = TopicPartition(topic, 0)
+    c.assign([tp])
+    c.seek_to_beginning(tp)
+    out, idle = [], 0
+    while idle < 3:
+        batch = c.poll(timeout_ms=300, max_records=10_000)
+        got = [m for msgs in batch.values() for m in msgs]
+        out.extend(got)
+        idle = 0 if got else idle + 1
+    c.close()
+    return out
+
+
+def latest_per_key(messages):
+    latest = {}
+    for m in messages:
+        latest[m.key.decode()] = None if m.value is None else json.loads(m.value)
+    return {k: v for k, v in latest.items() if v is not None}
+
+
+def test_bounded_run_equals_reference_and_outputs_agree(broker, world, tmp_path):
+    names, config = world
+    cfg = gen_config(names, 1200, seed=21)
+    produce(cfg, broker.bootstrap, create_topics=False)
+    views_path = tmp_path / "views.duckdb"
+    r = sferp(
+        "run",
+        "--config",
+        str(config),
+        "--bootstrap",
+        broker.bootstrap,
+        "--views",
+        str(views_path),
+        "--until-caught-up",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    views = load_views(views_path)
+    expected = reference_for(names, cfg)
+    assert diff(expected, views) == []
+    for s in views.flow_stats.values():
+        assert s["consumed"] == s["applied"] + s["duplicates"] + s["dead_lettered"] + s["ignored"]
+
+    # reconciled.* read back to the latest value per key equal the views
+    inv = latest_per_key(read_topic(broker.bootstrap, names["out_inventory"]))
+    assert set(inv) == set(views.inventory_live)
+    for sku, row in views.inventory_live.items():
+        got = inv[sku]
+        assert (got["on_hand"], got["allocated"], got["sf_open_demand"]) == row[:3]
+        assert got["available_to_promise"] == row.available_to_promise
+        assert got["lineage"], "every row carries the identities that produced it"
+    orders = latest_per_key(read_topic(broker.bootstrap, names["out_orders"]))
+    assert set(orders) == set(views.order_status)
+    for oid, row in views.order_status.items():
+        got = orders[oid]
+        assert got["stage"] == row.stage and got["erp_order_no"] == row.erp_order_no
+        assert (None if got["sf_total"] is None else Decimal(got["sf_total"])) == row.sf_total
+        assert got["amount_matches"] == row.amount_matches
+    exc = latest_per_key(read_topic(broker.bootstrap, names["out_exceptions"]))
+    open_keys = {tuple(k.split(":", 1)) for k, v in exc.items() if v["open"]}
+    assert open_keys == views.open_exceptions
+    dlq = read_topic(broker.bootstrap, names["dlq"])
+    assert {(json.loads(m.value)["offset"], json.loads(m.value)["reason"]) for m in dlq} == {
+        (d[2], d[3]) for d in views.dead_letters
+    }
+
+
+def test_two_workers_give_the_same_views(broker, world, tmp_path):
+    names, config = world
+    cfg = gen_config(names, 800, seed=22)
+    produce(cfg, broker.bootstrap, create_topics=False)
+    views_path = tmp_path / "views.duckdb"
+    r = sferp(
+        "run",
+        "--config",
+        str(config),
+        "--bootstrap",
+        broker.bootstrap,
+        "--views",
+        str(views_path),
+        "--until-caught-up",
+        "-w",
+        "2",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert diff(reference_for(names, cfg), load_views(views_path)) == []
+
+
+def _wait_for(predicate, timeout=60.0, every=0.3):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("condition not met in time")
+
+
+def test_live_run_is_queryable_and_stops_cleanly_on_sigterm(broker, world, tmp_path):
+    names, config = world
+    views_path = tmp_path / "views.duckdb"
+    first = gen_config(names, 300, seed=23)
+    produce(first, broker.bootstrap, create_topics=False)
+    env = dict(os.environ, SFERP_FLOW__SNAPSHOT_INTERVAL_S="1")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sferp",
+            "run",
+            "--config",
+            str(config),
+            "--bootstrap",
+            broker.bootstrap,
+            "--views",
+            str(views_path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        query = "SELECT sum(consumed) AS n FROM flow_stats"
+
+        def consumed():
+            r = sferp("query", query, "--views", str(views_path), "--format", "json", timeout=30)
+            if r.returncode != 0:
+                return None
+            n = json.loads(r.stdout)[0]["n"]
+            return int(n) if n else None
+
+        n_first = len(generated_messages(first))
+        assert _wait_for(lambda: (consumed() or 0) >= n_first and consumed()) == n_first
+        # more traffic arrives while it runs: the query sees progress
+        second = gen_config(names, 200, seed=24, bad=0.0)
+        n_second = sum(produce(second, broker.bootstrap, create_topics=False).values())
+        total = _wait_for(lambda: (consumed() or 0) >= n_first + n_second and consumed())
+        assert total == n_first + n_second
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    views = load_views(views_path)
+    assert sum(s["consumed"] for s in views.flow_stats.values()) == n_first + n_second
+    assert views.order_status and views.records
+    assert not Path(f"{views_path}.endpoint").exists()
