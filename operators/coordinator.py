@@ -249,9 +249,13 @@ class Coordinator:
             if st.pending.get(oid) != activated or oid in st.overdue:
                 continue
             st.overdue.add(oid)
-            minutes = (now - activated) / 60_000
-            detail = f"Activated {minutes:.1f} min ago, not handed off to the ERP"
-            self._exception(ExceptionFact("HANDOFF_OVERDUE", oid, True, detail, now), delta, kafka)
+            detail = (
+                f"Activated at {iso(activated)}, not handed off to the ERP within "
+                f"{self.sla / 60_000:g} min"
+            )
+            # It became overdue at activated_at + SLA (event time): that is its first_seen.
+            fact = ExceptionFact("HANDOFF_OVERDUE", oid, True, detail, activated + self.sla)
+            self._exception(fact, delta, kafka)
         # An order whose candidate moved (re-activated later) but is overdue under
         # the old time stays open until retracted: retraction closes it.
 

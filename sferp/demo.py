@@ -27,7 +27,7 @@ from sferp.runner import RunOptions, run_flow
 
 QUERIES = [
     (
-        "Inventory: largest shortfall first (what can we promise?)",
+        "Inventory: lowest available-to-promise first (what can we promise?)",
         "SELECT sku, on_hand, allocated, sf_open_demand, available_to_promise "
         "FROM inventory_live ORDER BY available_to_promise, sku LIMIT 8",
     ),

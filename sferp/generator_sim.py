@@ -399,6 +399,9 @@ class Simulation:
     def _inv_change(self, sku: str, wh: str, d_on_hand: int, d_alloc: int) -> tuple[Any, ...]:
         row = self.inventory[(sku, wh)]
         row["qty_on_hand"] += d_on_hand
+        while row["qty_on_hand"] < row["qty_allocated"]:
+            # A goods receipt: the warehouse replenishes before it would run short.
+            row["qty_on_hand"] += 250
         row["qty_allocated"] = max(0, row["qty_allocated"] + d_alloc)
         return ("inventory", "u", None, dict(row))
 
