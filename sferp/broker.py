@@ -2,8 +2,8 @@
 
 Used by `sferp demo`, `sferp broker`, the tests and the benchmarks, so that
 nothing but this package is needed to see the whole system work. Storage is
-memory only: stopping the broker loses every topic (see docs/DESIGN notes on
-Tansu's quirks).
+memory only: stopping the broker loses every topic. Tansu's quirks that
+clients must allow for are handled in `sferp.connectors.kafka`.
 """
 
 from __future__ import annotations

@@ -1,0 +1,467 @@
+"""Kafka input and output for Bytewax, over kafka-python.
+
+`KafkaSource` reads topic partitions with manually assigned consumers (no
+consumer group: positions live in Bytewax snapshots) and emits one list of
+`RawMessage`s per fetch, so Bytewax's per-item cost is paid per batch, not per
+message. `KafkaSink` writes `(topic, key, value)` items and fails loudly when a
+delivery fails.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
+from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import KafkaError
+
+from sferp.events import RawMessage
+
+__all__ = [
+    "KafkaConnectorError",
+    "KafkaSink",
+    "KafkaSource",
+    "end_offsets",
+    "list_partitions",
+    "read_positions",
+]
+
+SinkItem = tuple[str, bytes | None, bytes | None]
+T = TypeVar("T")
+
+_PART_SEP = "#"  # "<topic>#<partition>"; '#' is not legal in a Kafka topic name
+_CONNECT_TIMEOUT_MS = 5_000
+_OFFSETS_TIMEOUT_MS = 10_000
+_METADATA_TIMEOUT_MS = 10_000
+_IDLE_BACKOFF_MAX = timedelta(milliseconds=50)
+
+# Next offset to read of every partition read in this process, for progress
+# and lag reporting. One dict store per fetched batch.
+_POSITIONS: dict[tuple[str, int], int] = {}
+
+
+class KafkaConnectorError(RuntimeError):
+    """Kafka cannot be used as configured: unreachable, missing topic, failed delivery."""
+
+
+def _check_settings(settings: dict[str, Any], known: dict[str, Any], what: str) -> dict[str, Any]:
+    """Reject setting names this kafka-python does not know (names only: values may be secret)."""
+    unknown = sorted(set(settings) - set(known))
+    if unknown:
+        raise KafkaConnectorError(f"unknown kafka-python {what} settings: {', '.join(unknown)}")
+    return dict(settings)
+
+
+def _consumer_config(
+    bootstrap: str, client_config: dict[str, Any] | None, **tuning: Any
+) -> dict[str, Any]:
+    """Consumer settings: our defaults (where this kafka-python knows them), then the user's."""
+    known = KafkaConsumer.DEFAULT_CONFIG
+    config: dict[str, Any] = {
+        "bootstrap_timeout_ms": _CONNECT_TIMEOUT_MS,
+        "allow_auto_create_topics": False,
+        **tuning,
+    }
+    config = {k: v for k, v in config.items() if k in known}
+    config.update(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    config.update(_check_settings(client_config or {}, known, "consumer"))
+    return config
+
+
+def _open_consumer(
+    bootstrap: str, client_config: dict[str, Any] | None, **tuning: Any
+) -> KafkaConsumer:
+    try:
+        return KafkaConsumer(**_consumer_config(bootstrap, client_config, **tuning))
+    except KafkaError as exc:
+        raise KafkaConnectorError(f"cannot connect to Kafka at {bootstrap}: {exc}") from exc
+
+
+def _partitions(
+    consumer: KafkaConsumer, bootstrap: str, topics: Iterable[str]
+) -> list[TopicPartition]:
+    tps = []
+    for topic in topics:
+        try:
+            parts = consumer.partitions_for_topic(topic)
+        except KafkaError as exc:
+            raise KafkaConnectorError(
+                f"cannot read metadata of topic {topic!r} from Kafka at {bootstrap}: {exc}"
+            ) from exc
+        if not parts:
+            raise KafkaConnectorError(f"topic {topic!r} does not exist on Kafka at {bootstrap}")
+        tps.extend(TopicPartition(topic, p) for p in sorted(parts))
+    return tps
+
+
+def _within_deadline(
+    bootstrap: str, client_config: dict[str, Any] | None, work: Callable[[KafkaConsumer], T]
+) -> T:
+    """Run `work` on a fresh metadata consumer, with a hard deadline.
+
+    kafka-python's own timeouts do not cover every stall: a TLS handshake with a
+    plaintext listener (a wrong `security_protocol`) blocks forever. The work
+    runs in a daemon thread, so such a mistake becomes a clear error instead.
+    """
+    tuning = {"request_timeout_ms": _METADATA_TIMEOUT_MS}
+    config = _consumer_config(bootstrap, client_config, **tuning)
+    deadline_s = (
+        config.get("bootstrap_timeout_ms", _CONNECT_TIMEOUT_MS)
+        + config.get("request_timeout_ms", _METADATA_TIMEOUT_MS)
+    ) / 1000 + 1.0
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            consumer = _open_consumer(bootstrap, client_config, **tuning)
+            try:
+                outcome["value"] = work(consumer)
+            finally:
+                consumer.close()
+        except BaseException as exc:  # handed to the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name="sferp-kafka-metadata", daemon=True)
+    thread.start()
+    thread.join(deadline_s)
+    if thread.is_alive():
+        raise KafkaConnectorError(
+            f"no answer from Kafka at {bootstrap} within {deadline_s:.0f} s "
+            "(is security_protocol right for this listener?)"
+        )
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def list_partitions(
+    bootstrap: str, topics: Iterable[str], client_config: dict[str, Any] | None = None
+) -> list[tuple[str, int]]:
+    """Every `(topic, partition)` of the topics; raises KafkaConnectorError if one is missing."""
+    topics = list(topics)
+
+    def work(consumer: KafkaConsumer) -> list[tuple[str, int]]:
+        return [(tp.topic, tp.partition) for tp in _partitions(consumer, bootstrap, topics)]
+
+    return _within_deadline(bootstrap, client_config, work)
+
+
+def end_offsets(
+    bootstrap: str, topics: Iterable[str], client_config: dict[str, Any] | None = None
+) -> dict[tuple[str, int], int]:
+    """The current end offset (next offset to be written) of every partition of the topics.
+
+    On the embedded broker (Tansu) this is the base offset of the last record
+    batch + 1, so lag computed from it is approximate there.
+    """
+    topics = list(topics)
+
+    def work(consumer: KafkaConsumer) -> dict[tuple[str, int], int]:
+        tps = _partitions(consumer, bootstrap, topics)
+        try:
+            ends = consumer.end_offsets(tps, _OFFSETS_TIMEOUT_MS)
+        except KafkaError as exc:
+            raise KafkaConnectorError(
+                f"cannot read end offsets from Kafka at {bootstrap}: {exc}"
+            ) from exc
+        return {(tp.topic, tp.partition): off for tp, off in ends.items()}
+
+    return _within_deadline(bootstrap, client_config, work)
+
+
+def read_positions() -> dict[tuple[str, int], int]:
+    """Next offset to read of every partition a `KafkaSource` reads in this process."""
+    return dict(_POSITIONS)
+
+
+class _KafkaPartition(StatefulSourcePartition[list[RawMessage], int]):
+    """One topic partition, read by its own manually assigned consumer."""
+
+    def __init__(
+        self,
+        consumer: KafkaConsumer,
+        tp: TopicPartition,
+        offset: int,
+        end: int | None,
+        batch_size: int,
+        stop_event: threading.Event | None,
+    ) -> None:
+        self._consumer = consumer
+        self._tp = tp
+        self._key = (tp.topic, tp.partition)
+        self._offset = offset
+        self._end = end
+        self._batch_size = batch_size
+        self._stop = stop_event
+        self._idle = timedelta(0)
+        self._awake: datetime | None = None
+        _POSITIONS[self._key] = offset
+
+    def next_batch(self) -> list[list[RawMessage]]:
+        if self._stop is not None and self._stop.is_set():
+            raise StopIteration
+        try:
+            records = self._consumer.poll(timeout_ms=0, max_records=self._batch_size).get(self._tp)
+        except KafkaError as exc:
+            raise KafkaConnectorError(
+                f"error reading {self._tp.topic}[{self._tp.partition}] at offset "
+                f"{self._offset}: {exc}"
+            ) from exc
+        if records:
+            topic, part = self._key
+            batch = [
+                RawMessage(topic, part, r.offset, r.key, r.value, r.timestamp) for r in records
+            ]
+            self._offset = records[-1].offset + 1
+            _POSITIONS[self._key] = self._offset
+            self._awake = None
+            self._idle = timedelta(0)
+            return [batch]
+
+        # Nothing buffered. The consumer's position may still move past
+        # offsets that hold no records (transaction markers, compacted gaps).
+        position = self._consumer.position(self._tp, timeout_ms=0)
+        if position is not None and position > self._offset:
+            self._offset = position
+            _POSITIONS[self._key] = position
+        # Bounded: done once the end seen at start is reached and a fetch
+        # answered at this position with nothing new (highwater is only set
+        # by a completed fetch). The extra condition makes Tansu exact: its
+        # reported end is the last batch's base offset + 1, and that whole
+        # batch arrives in one fetch, so an empty poll after reaching the
+        # end means the batch is drained.
+        if (
+            self._end is not None
+            and self._offset >= self._end
+            and self._consumer.highwater(self._tp) is not None
+        ):
+            raise StopIteration
+        # Back off while idle (1, 2, 4 ... 50 ms) so idle partitions do not spin.
+        self._idle = min(max(self._idle * 2, timedelta(milliseconds=1)), _IDLE_BACKOFF_MAX)
+        self._awake = datetime.now(UTC) + self._idle
+        return []
+
+    def next_awake(self) -> datetime | None:
+        return self._awake
+
+    def snapshot(self) -> int:
+        return self._offset
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+class KafkaSource(FixedPartitionedSource[list[RawMessage], int]):
+    """Read Kafka topics; emits one list of `RawMessage`s per fetch.
+
+    Topic partitions are the unit of parallelism: each is one Bytewax source
+    partition named `<topic>#<partition>`, read by its own manually assigned
+    consumer (no consumer group, nothing committed to Kafka). Snapshots hold the
+    next offset to read, and a resume starts exactly there, so this source
+    supports exactly-once input; with at-least-once sinks the whole flow is
+    at-least-once.
+
+    `bounded=True` reads each partition up to the end offset seen when the
+    partition is built, then ends it at the first fetch that brings nothing new:
+    everything written before the start is read (also on Tansu, whose reported
+    end falls inside the last record batch), plus possibly some of what arrives
+    while it catches up; the snapshot continues right after it. A set
+    `stop_event` ends every partition at its next call, so the dataflow drains,
+    snapshots and exits.
+
+    On Tansu, `start="latest"` starts inside the last record batch written
+    before the start (its base offset + 1), so it may re-read that batch's tail.
+    """
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topics: list[str],
+        *,
+        start: str = "earliest",
+        bounded: bool = False,
+        batch_size: int = 2000,
+        client_config: dict[str, Any] | None = None,
+        stop_event: threading.Event | None = None,
+    ) -> None:
+        """Validate and store settings; nothing connects until the dataflow runs.
+
+        :arg bootstrap: `host:port[,host:port...]`.
+        :arg topics: topics to read, all partitions of each.
+        :arg start: `earliest` or `latest`, where a partition without resume
+            state starts.
+        :arg bounded: stop at the end offsets seen at start (`--until-caught-up`).
+        :arg batch_size: most messages per emitted list.
+        :arg client_config: kafka-python settings passed through (security_protocol,
+            sasl_*, ssl_*, and any consumer setting to override ours).
+        :arg stop_event: when set, every partition ends at its next call.
+        """
+        if isinstance(topics, str):
+            raise TypeError("topics must be a list of topic names, not a string")
+        topics = list(topics)
+        if not topics:
+            raise ValueError("at least one topic is required")
+        for topic in topics:
+            if not topic or _PART_SEP in topic:
+                raise ValueError(f"invalid topic name {topic!r}")
+        if start not in ("earliest", "latest"):
+            raise ValueError(f"start must be 'earliest' or 'latest', got {start!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not bootstrap:
+            raise ValueError("bootstrap must name at least one broker")
+        self._bootstrap = bootstrap
+        self._topics = topics
+        self._start = start
+        self._bounded = bounded
+        self._batch_size = batch_size
+        self._client_config = _check_settings(
+            client_config or {}, KafkaConsumer.DEFAULT_CONFIG, "consumer"
+        )
+        self._stop_event = stop_event
+
+    def list_parts(self) -> list[str]:
+        """Every partition of every topic; a missing topic is an error."""
+        return [
+            f"{topic}{_PART_SEP}{part}"
+            for topic, part in list_partitions(self._bootstrap, self._topics, self._client_config)
+        ]
+
+    def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> _KafkaPartition:
+        """Open a consumer for one partition at its resume offset (or `start`)."""
+        topic, _, part = for_part.rpartition(_PART_SEP)
+        if topic not in self._topics:
+            raise KafkaConnectorError(
+                f"cannot resume partition {for_part!r}: topic {topic!r} is not among "
+                f"the configured topics {self._topics}"
+            )
+        tp = TopicPartition(topic, int(part))
+        # A fetch brings up to ~4 batches per partition: few round trips, bounded memory.
+        fetch_bytes = max(1 << 20, min(self._batch_size * 2048, 16 << 20))
+        consumer = _open_consumer(
+            self._bootstrap,
+            self._client_config,
+            auto_offset_reset="earliest",  # a resume offset lost to retention
+            max_poll_records=self._batch_size,
+            max_partition_fetch_bytes=fetch_bytes,
+            fetch_max_bytes=max(fetch_bytes, 50 << 20),
+            fetch_max_wait_ms=200,
+        )
+        try:
+            consumer.assign([tp])
+            end = None
+            if resume_state is not None:
+                offset = resume_state
+            elif self._start == "earliest":
+                offset = consumer.beginning_offsets([tp], _OFFSETS_TIMEOUT_MS)[tp]
+            else:
+                offset = consumer.end_offsets([tp], _OFFSETS_TIMEOUT_MS)[tp]
+            if self._bounded:
+                end = consumer.end_offsets([tp], _OFFSETS_TIMEOUT_MS)[tp]
+            consumer.seek(tp, offset)
+        except KafkaError as exc:
+            consumer.close()
+            raise KafkaConnectorError(
+                f"cannot open {topic}[{part}] on Kafka at {self._bootstrap}: {exc}"
+            ) from exc
+        except BaseException:
+            consumer.close()
+            raise
+        return _KafkaPartition(consumer, tp, offset, end, self._batch_size, self._stop_event)
+
+
+class _KafkaSinkPartition(StatelessSinkPartition[SinkItem]):
+    def __init__(self, producer: KafkaProducer, bootstrap: str) -> None:
+        self._producer = producer
+        self._bootstrap = bootstrap
+        # Every send resolves within delivery_timeout_ms; a flush that outlasts
+        # it (seen with kafka-python against a stalled broker) is a failure too.
+        config = producer.config
+        self._flush_timeout_s = (
+            config.get("delivery_timeout_ms", 120_000) + config.get("request_timeout_ms", 30_000)
+        ) / 1000 + 1.0
+
+    def write_batch(self, items: list[SinkItem]) -> None:
+        send = self._producer.send
+        futures = []
+        try:
+            for topic, key, value in items:
+                futures.append((topic, send(topic, key=key, value=value)))
+            self._producer.flush(timeout=self._flush_timeout_s)
+        except KafkaError as exc:
+            raise KafkaConnectorError(f"cannot write to Kafka at {self._bootstrap}: {exc}") from exc
+        failed = [(topic, f.exception) for topic, f in futures if not f.succeeded()]
+        if failed:
+            topic, exc = failed[0]
+            raise KafkaConnectorError(
+                f"{len(failed)} of {len(futures)} messages not delivered to Kafka at "
+                f"{self._bootstrap}; first: topic {topic!r}: {exc}"
+            )
+
+    def close(self) -> None:
+        try:
+            self._producer.close(timeout=self._flush_timeout_s)
+        except KafkaError as exc:
+            raise KafkaConnectorError(
+                f"cannot flush the producer for Kafka at {self._bootstrap} on close: {exc}"
+            ) from exc
+
+
+class KafkaSink(DynamicSink[SinkItem]):
+    """Write `(topic, key, value)` items to Kafka; a None value is a tombstone.
+
+    Workers are the unit of parallelism: one producer per worker. Each batch is
+    flushed and every delivery checked before the batch returns, and a failed
+    delivery raises, so nothing is lost silently. Messages written after the
+    last snapshot are written again after a resume: at-least-once. Items are
+    keyed, so a compacted topic keeps the latest version of each key.
+    """
+
+    def __init__(
+        self,
+        bootstrap: str,
+        *,
+        client_config: dict[str, Any] | None = None,
+        producer_config: dict[str, Any] | None = None,
+    ) -> None:
+        """Validate and store settings; the producer is created per worker in `build`.
+
+        :arg bootstrap: `host:port[,host:port...]`.
+        :arg client_config: kafka-python security/connection settings shared with
+            the source (security_protocol, sasl_*, ssl_*).
+        :arg producer_config: producer settings that override ours (acks,
+            linger_ms, compression_type, delivery_timeout_ms...).
+        """
+        if not bootstrap:
+            raise ValueError("bootstrap must name at least one broker")
+        known = KafkaProducer.DEFAULT_CONFIG
+        self._bootstrap = bootstrap
+        self._client_config = _check_settings(client_config or {}, known, "producer")
+        self._producer_config = _check_settings(producer_config or {}, known, "producer")
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _KafkaSinkPartition:
+        """Create this worker's producer."""
+        known = KafkaProducer.DEFAULT_CONFIG
+        defaults = {
+            "acks": "all",
+            "enable_idempotence": True,  # retries keep per-key order
+            "linger_ms": 5,
+            "batch_size": 256 * 1024,
+            "bootstrap_timeout_ms": _CONNECT_TIMEOUT_MS,
+            "allow_auto_create_topics": False,
+        }
+        config = {k: v for k, v in defaults.items() if k in known}
+        config["bootstrap_servers"] = self._bootstrap
+        config.update(self._client_config)
+        config.update(self._producer_config)
+        try:
+            producer = KafkaProducer(**config)
+        except KafkaError as exc:
+            raise KafkaConnectorError(
+                f"cannot connect to Kafka at {self._bootstrap}: {exc}"
+            ) from exc
+        return _KafkaSinkPartition(producer, self._bootstrap)
