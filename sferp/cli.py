@@ -7,6 +7,7 @@ problem), 1 anything else.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -67,7 +68,34 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = 2
     except KeyboardInterrupt:
         code = 130
+    except Exception as e:  # noqa: BLE001 - the last line of defence: one line, exit 1
+        if os.environ.get("SFERP_DEBUG"):
+            raise
+        print(f"sferp {cmd}: error: {_root_message(e)}", file=sys.stderr)
+        code = 1
     raise SystemExit(code)
+
+
+def _root_message(e: BaseException) -> str:
+    """The most useful one-line message in an exception chain.
+
+    Bytewax wraps errors raised inside the dataflow (a missing topic, an
+    unreachable broker) in its own runtime errors; our connectors' errors carry
+    the message a user needs, so prefer the innermost of those.
+    """
+    from sferp.broker import BrokerError
+    from sferp.connectors.kafka import KafkaConnectorError
+
+    chain: list[BaseException] = []
+    cur: BaseException | None = e
+    while cur is not None and cur not in chain:
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    for exc in reversed(chain):
+        if isinstance(exc, KafkaConnectorError | BrokerError):
+            return str(exc).splitlines()[0]
+    first = str(chain[-1]).strip().splitlines()
+    return f"{type(chain[-1]).__name__}: {first[0] if first else ''} (SFERP_DEBUG=1 for details)"
 
 
 def _dispatch(cmd: str, rest: list[str]) -> int:

@@ -42,6 +42,7 @@ class RunOptions:
     stop_event: threading.Event = field(default_factory=threading.Event)
     install_signals: bool = True
     kafka_outputs: bool = True
+    preflight: bool = True  # check the broker and the input topics before starting
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -79,6 +80,9 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def _setup_logging(fmt: str) -> None:
+    # kafka-python logs every reconnect attempt; our connectors report failures
+    # once, with the setting to look at.
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)
     if logging.getLogger().handlers:
         return
     handler = logging.StreamHandler(sys.stderr)
@@ -114,6 +118,16 @@ def run_flow(settings: Settings, opts: RunOptions) -> int:
 
     from sferp.flows.reconcile import FlowOptions, build_flow
 
+    if opts.preflight:
+        # Fail with one clear line before Bytewax starts (it reports errors raised
+        # inside workers as a panic with a backtrace).
+        from sferp.connectors.kafka import list_partitions
+
+        list_partitions(
+            settings.kafka.bootstrap,
+            list(settings.topics.input_roles()),
+            settings.kafka_client_config(),
+        )
     recovery_config = prepare_recovery(opts.recovery_dir) if opts.recovery_dir else None
     views_path = opts.views_path or settings.views.path
     Path(views_path).parent.mkdir(parents=True, exist_ok=True)
