@@ -66,11 +66,12 @@ def make_router(cfg: DecodeConfig, *, live: bool, max_future_skew_ms: int) -> An
             return []
         outcomes = decode_batch(batch, cfg)
         cap = (time.time() * 1000 + max_future_skew_ms) if live else float("inf")
-        per_shard: dict[str, tuple[list, list]] = {}
+        per_tp: dict[tuple[str, int], dict[str, tuple[list, list]]] = {}
         stats: dict[str, list[int]] = {}
         dead: list[DeadLetter] = []
         clocks: dict[tuple[str, int], int] = {}  # per partition (a Kafka batch has one)
         tp: tuple[str, int] | None = None
+        slots: dict[str, tuple[list, list]] = {}
         clock = -1
         for o in outcomes:
             if tp is None or o.partition != tp[1] or o.topic != tp[0]:
@@ -78,14 +79,15 @@ def make_router(cfg: DecodeConfig, *, live: bool, max_future_skew_ms: int) -> An
                     clocks[tp] = clock
                 tp = (o.topic, o.partition)
                 clock = clocks.get(tp, -1)
+                slots = per_tp.setdefault(tp, {})
             if type(o) is Change:
                 t = o.event_time
                 if clock < t <= cap:
                     clock = t
                 dest = shard(MERGE, o.key)
-                slot = per_shard.get(dest)
+                slot = slots.get(dest)
                 if slot is None:
-                    slot = per_shard[dest] = ([], [])
+                    slot = slots[dest] = ([], [])
                 slot[0].append(o)
                 slot[1].append(clock)
                 continue
@@ -105,7 +107,9 @@ def make_router(cfg: DecodeConfig, *, live: bool, max_future_skew_ms: int) -> An
             clocks[tp] = clock
         clocks = {k: v for k, v in clocks.items() if v >= 0}
         out: list[tuple[str, tuple]] = [
-            (dest, (CHANGES, chs, stamps)) for dest, (chs, stamps) in per_shard.items()
+            (dest, (CHANGES, part, chs, stamps))
+            for part, by_shard in per_tp.items()
+            for dest, (chs, stamps) in by_shard.items()
         ]
         if clocks:
             out.extend((dest, (TICK, clocks)) for dest in _TICK_SHARDS)

@@ -9,6 +9,7 @@ one DuckDB delta and the Kafka records for reconciled.* and the DLQ.
 from __future__ import annotations
 
 import heapq
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -57,11 +58,20 @@ class OutputTopics:
     dlq: str = "integration.dlq"
 
 
+_ISO_SECONDS: dict[int, str] = {}
+
+
 def iso(ms: int | None) -> str | None:
-    """Milliseconds since the epoch as ISO 8601 UTC."""
+    """Milliseconds since the epoch as ISO 8601 UTC (`2026-11-02T08:00:00.000Z`)."""
     if ms is None:
         return None
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+    sec, milli = divmod(ms, 1000)
+    prefix = _ISO_SECONDS.get(sec)
+    if prefix is None:
+        if len(_ISO_SECONDS) > 8192:
+            _ISO_SECONDS.clear()
+        prefix = _ISO_SECONDS[sec] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+    return f"{prefix}.{milli:03d}Z"
 
 
 def _json_default(v: Any) -> Any:
@@ -72,9 +82,9 @@ def _json_default(v: Any) -> Any:
 
 def row_json(columns: tuple[str, ...], row: tuple, lineage: dict[str, str]) -> bytes:
     """A view row as the JSON value of a reconciled.* record (decimals as strings)."""
-    doc: dict[str, Any] = {}
-    for name, value in zip(columns, row, strict=False):
-        doc[name] = iso(value) if name in _TIMESTAMPS else value
+    doc = dict(zip(columns, row, strict=False))
+    for name in _TIMESTAMPS.intersection(doc):
+        doc[name] = iso(doc[name])
     doc["lineage"] = lineage
     return orjson.dumps(doc, default=_json_default)
 

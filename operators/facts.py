@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 # Payload kinds on the wire between stages: (kind, body).
-CHANGES = 0  # to merge shards: (CHANGES, changes, clock stamps)
-TICK = 1  # to merge shards: (TICK, clock_ms) — the clock as seen by one decode batch
+CHANGES = 0  # to merge shards: (CHANGES, (topic, partition), changes, clock stamps)
+TICK = 1  # to merge shards: (TICK, {(topic, partition): clock_ms}) after each decode batch
 FACTS = 2  # to order/product/sku shards: (FACTS, [fact, ...])
 GLOBAL_IN = 3  # to the coordinator: (GLOBAL_IN, GlobalInput)
 

@@ -214,6 +214,8 @@ class Merger:
         dirty: dict[tuple[str, str, str], SfRecord | ErpRecord] = {}
         dirty_gaps: set[str] = set()
         pclock = st.partition_clocks
+        check = dedup.check_and_add
+        gaps = st.gaps
         for payload in payloads:
             if payload[0] == TICK:
                 for tp, c in payload[1].items():
@@ -222,30 +224,24 @@ class Merger:
                     if c > st.clock:
                         st.clock = c
                 continue
-            _, changes, stamps = payload
+            _, tp, changes, stamps = payload
+            clock = pclock.get(tp, -1)
+            consumed = applied = duplicates = late = 0
             for ch, stamp in zip(changes, stamps, strict=True):
-                tp = (ch.topic, ch.partition)
-                clock = pclock.get(tp, -1)
                 if stamp > clock:
-                    clock = pclock[tp] = stamp
-                    if stamp > st.clock:
-                        st.clock = stamp
+                    clock = stamp
                 if ch.primary:
-                    s = stats.get(ch.topic)
-                    if s is None:
-                        s = stats[ch.topic] = [0, 0, 0, 0, 0, 0]
-                    s[CONSUMED] += 1
+                    consumed += 1
+                    if check(ch.identity, ch.event_time, clock, tp):
+                        duplicates += 1
+                        continue
+                    applied += 1
+                    if ch.event_time < clock - lateness:
+                        late += 1
                 # Copies of one multi-record event may share a shard: each copy
                 # but the primary is remembered under its own record key too.
-                ident = ch.identity if ch.primary else f"{ch.identity}|{ch.key}"
-                if dedup.check_and_add(ident, ch.event_time, clock, tp):
-                    if ch.primary:
-                        s[DUPLICATES] += 1
+                elif check(f"{ch.identity}|{ch.key}", ch.event_time, clock, tp):
                     continue
-                if ch.primary:
-                    s[APPLIED] += 1
-                    if ch.event_time < clock - lateness:
-                        s[LATE] += 1
                 if ch.op == GAP:
                     self._gap(ch, dirty_gaps)
                     continue
@@ -255,8 +251,19 @@ class Merger:
                     rec = records[rkey] = SfRecord() if ch.source == SALESFORCE else ErpRecord()
                 rec.apply(ch)
                 dirty[rkey] = rec
-                if ch.source == SALESFORCE and ch.key in st.gaps:
+                if gaps and ch.key in gaps:
                     dirty_gaps.add(ch.key)
+            pclock[tp] = clock
+            if clock > st.clock:
+                st.clock = clock
+            if consumed:
+                s = stats.get(tp[0])
+                if s is None:
+                    s = stats[tp[0]] = [0, 0, 0, 0, 0, 0]
+                s[CONSUMED] += consumed
+                s[APPLIED] += applied
+                s[DUPLICATES] += duplicates
+                s[LATE] += late
         if st.dedup.window_ms:
             dedup.expire(pclock)
         return self._render(stats, dirty, dirty_gaps)

@@ -43,6 +43,9 @@ from .routing import GLOBAL, PRODUCTS, SKUS, shard
 Out = list[tuple[str, tuple]]
 
 
+_CENT = Decimal("0.01")
+
+
 def _lineage(**ids: str) -> dict[str, str]:
     return {k: v for k, v in ids.items() if v}
 
@@ -54,10 +57,27 @@ def _global(rows: dict, exceptions: list, handoffs: list | None = None) -> tuple
 class OrderNode:
     """Everything known about one Salesforce Order Id."""
 
-    __slots__ = ("order", "items", "erp", "row", "mismatch", "orphans", "handoff", "demand")
+    __slots__ = (
+        "order",
+        "items",
+        "erp",
+        "row",
+        "row_updated",
+        "mismatch",
+        "orphans",
+        "handoff",
+        "demand",
+        "updated",
+        "_total_raw",
+        "_total",
+    )
 
     def __init__(self) -> None:
         self.order: OrderFact | None = None
+        self.row_updated = 0
+        self.updated = 0  # latest event time of anything that touched the order
+        self._total_raw: Any = None
+        self._total: Decimal | None = None
         self.items: dict[str, ItemFact] = {}  # live items only
         self.erp: dict[str, ErpOrderFact] = {}  # live ERP orders naming this Id
         self.row: tuple | None = None  # last emitted order_status row
@@ -65,6 +85,12 @@ class OrderNode:
         self.orphans: set[str] = set()  # order_no keys with an open orphan exception
         self.handoff: int | None = None  # activated_at of the emitted candidate
         self.demand: dict[str, tuple[Decimal, bool]] = {}  # product -> (qty, has_items)
+
+    def money(self, raw: Any) -> Decimal | None:
+        """`TotalAmount` rounded, converted once per distinct value."""
+        if raw != self._total_raw or self._total is None:
+            self._total_raw, self._total = raw, money(raw)
+        return self._total
 
     def empty(self) -> bool:
         """Nothing left to remember."""
@@ -120,6 +146,8 @@ class OrdersStage:
                         node.erp[f.record_key] = f
                     else:
                         node.erp.pop(f.record_key, None)
+                if f.event_time > node.updated:
+                    node.updated = f.event_time
                 dirty[oid] = node
         rows: dict[tuple, tuple | None] = {}
         exceptions: list[ExceptionFact] = []
@@ -145,38 +173,37 @@ class OrdersStage:
     ) -> None:
         o = node.order
         live = o is not None and o.live
-        link = _link(node.erp)
-        times = [f.event_time for f in node.erp.values()]
-        if o is not None:
-            times.append(o.event_time)
-        times.extend(i.event_time for i in node.items.values())
-        updated = max(times) if times else 0
-        # order_status row
+        erp = node.erp
+        link = _link(erp) if erp else None
+        updated = node.updated
+        # order_status row (without updated_at and lineage, which only inform)
         row = None
         mismatch = False
         if live:
-            sf_total = money(o.total)
+            sf_total = node.money(o.total)
             status = o.status
             if link is not None:
                 erp_total = money(link.total)
                 matches = (
                     None
                     if sf_total is None or erp_total is None
-                    else abs(sf_total - erp_total) <= Decimal("0.01")
+                    else abs(sf_total - erp_total) <= _CENT
                 )
                 mismatch = matches is False
                 invoiced = link.invoiced_at
+                erp_status = link.status
+                stage = "CANCELLED" if status == "Cancelled" or erp_status == "CANCELLED" else (
+                    _str_or_none(erp_status)
+                )
+                erp_no = link.order_no
             else:
-                erp_total = matches = invoiced = None
-            erp_status = link.status if link is not None else None
-            if status == "Cancelled" or erp_status == "CANCELLED":
-                stage = "CANCELLED"
-            elif link is not None:
-                stage = erp_status
-            elif status == "Activated":
-                stage = "BOOKED"
-            else:
-                stage = "DRAFT"
+                erp_total = matches = invoiced = erp_status = erp_no = None
+                if status == "Cancelled":
+                    stage = "CANCELLED"
+                elif status == "Activated":
+                    stage = "BOOKED"
+                else:
+                    stage = "DRAFT"
             activated = o.activated_at
             q2c = (
                 (invoiced - activated) / 1000.0
@@ -187,7 +214,7 @@ class OrdersStage:
                 oid,
                 _str_or_none(o.order_number),
                 _str_or_none(o.account_id),
-                link.order_no if link is not None else None,
+                erp_no,
                 _str_or_none(status),
                 _str_or_none(erp_status),
                 stage,
@@ -197,39 +224,46 @@ class OrdersStage:
                 activated,
                 invoiced,
                 q2c,
-                updated,
-                _lineage(salesforce=o.identity, erp=link.identity if link is not None else ""),
             )
-        if row != node.row:
-            rows[(oid,)] = _flagged(row, node.row)
+        old = node.row
+        if row != old or (row is not None and updated != node.row_updated):
+            if row is None:
+                rows[(oid,)] = None
+            else:
+                lineage = {"salesforce": o.identity}
+                if link is not None and link.identity:
+                    lineage["erp"] = link.identity
+                rows[(oid,)] = (*row, updated, lineage, row != old)
             node.row = row
+            node.row_updated = updated
         # AMOUNT_MISMATCH
-        if mismatch != node.mismatch or (mismatch and row is not None and rows.get((oid,))):
+        if mismatch != node.mismatch or (mismatch and row != old):
             detail = (
                 f"Salesforce {row[7]} vs ERP {row[8]} ({link.order_no})"
-                if mismatch and row is not None and link is not None
+                if mismatch
                 else "amounts agree or order no longer linked"
             )
             exceptions.append(ExceptionFact("AMOUNT_MISMATCH", oid, mismatch, detail, updated))
             node.mismatch = mismatch
         # ORPHAN_ERP_ORDER: live ERP orders naming an Order that is not live
-        orphans = set() if live else {e.record_key for e in node.erp.values()}
-        for rk in orphans - node.orphans:
-            e = node.erp[rk]
-            exceptions.append(
-                ExceptionFact(
-                    "ORPHAN_ERP_ORDER",
-                    e.order_no,
-                    True,
-                    f"sf_order_id {oid} names no live Salesforce Order",
-                    e.event_time,
+        if not live or node.orphans:
+            orphans = set() if live else set(erp)
+            for rk in orphans - node.orphans:
+                e = erp[rk]
+                exceptions.append(
+                    ExceptionFact(
+                        "ORPHAN_ERP_ORDER",
+                        e.order_no,
+                        True,
+                        f"sf_order_id {oid} names no live Salesforce Order",
+                        e.event_time,
+                    )
                 )
-            )
-        for rk in node.orphans - orphans:
-            exceptions.append(
-                ExceptionFact("ORPHAN_ERP_ORDER", _order_no_of(rk), False, "resolved", updated)
-            )
-        node.orphans = orphans
+            for rk in node.orphans - orphans:
+                exceptions.append(
+                    ExceptionFact("ORPHAN_ERP_ORDER", _order_no_of(rk), False, "resolved", updated)
+                )
+            node.orphans = orphans
         # hand-off candidate
         cand = (
             o.activated_at
@@ -241,27 +275,33 @@ class OrdersStage:
             node.handoff = cand
         # demand per product
         demand: dict[str, tuple[Decimal, bool]] = {}
-        if live:
+        if live and node.items:
             open_demand = o.status == "Activated" and link is None
             for item in node.items.values():
                 pid = item.product_id
                 if not pid:
                     continue
-                qty, _ = demand.get(pid, (ZERO, True))
+                prev = demand.get(pid)
+                qty = prev[0] if prev is not None else ZERO
                 if open_demand:
                     q = to_decimal(item.quantity)
                     if q is not None:
                         qty += q
                 demand[pid] = (qty, True)
-        ident = o.identity if o is not None else ""
-        for pid in demand.keys() | node.demand.keys():
-            new = demand.get(pid)
-            if new != node.demand.get(pid):
-                qty, has = new if new is not None else (ZERO, False)
-                demand_out.setdefault(shard(PRODUCTS, pid), []).append(
-                    DemandFact(pid, oid, qty, has, updated, ident)
-                )
-        node.demand = demand
+        if demand != node.demand:
+            ident = o.identity if o is not None else ""
+            old_demand = node.demand
+            for pid, new in demand.items():
+                if new != old_demand.get(pid):
+                    demand_out.setdefault(shard(PRODUCTS, pid), []).append(
+                        DemandFact(pid, oid, new[0], new[1], updated, ident)
+                    )
+            for pid in old_demand:
+                if pid not in demand:
+                    demand_out.setdefault(shard(PRODUCTS, pid), []).append(
+                        DemandFact(pid, oid, ZERO, False, updated, ident)
+                    )
+            node.demand = demand
 
 
 def _order_no_of(record_key: str) -> str:
