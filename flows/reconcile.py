@@ -246,6 +246,7 @@ def build_flow(settings: Settings, opts: FlowOptions) -> Dataflow:
             live=live,
             max_future_skew_ms=fs.max_future_skew_s * 1000,
             input_topics=tuple(roles),
+            kafka_outputs=opts.kafka_outputs,
         )
         return _CoordinatorLogic(coord, rec, live)
 

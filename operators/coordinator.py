@@ -113,8 +113,10 @@ class Coordinator:
         live: bool = False,
         max_future_skew_ms: int = 300_000,
         input_topics: tuple[str, ...] = (),
+        kafka_outputs: bool = True,
     ) -> None:
         self.state = state
+        self.kafka_outputs = kafka_outputs
         for topic in input_topics:  # flow_stats has a row for every input topic
             state.stats.setdefault(topic, [0, 0, 0, 0, 0, 0])
         self._unwritten = set(input_topics)
@@ -137,7 +139,9 @@ class Coordinator:
         """Fold one batch of stage outputs; return (DuckDB delta, Kafka records)."""
         st = self.state
         delta: dict[str, dict[tuple, tuple | None]] = {}
-        kafka: list[tuple[str, bytes, bytes | None]] = []
+        # Kafka records of this batch, one per (topic, key): a row that changed
+        # several times in the batch is sent once, in its final version.
+        kafka: dict[tuple[str, bytes], Any] = {}
         touched_topics: set[str] = self._unwritten
         self._unwritten = set()
         for gi in inputs:
@@ -163,7 +167,7 @@ class Coordinator:
                         "raw": d.raw,
                     }
                     key = f"{d.topic}:{d.partition}:{d.offset}".encode()
-                    kafka.append((self.topics.dlq, key, orjson.dumps(value)))
+                    kafka[(self.topics.dlq, key)] = orjson.dumps(value)
             for table, rows in gi.rows.items():
                 out = delta.setdefault(table, {})
                 if table == "records":
@@ -178,11 +182,11 @@ class Coordinator:
                     key = str(pk[0]).encode()
                     if row is None:
                         out[pk] = None
-                        kafka.append((topic, key, None))
+                        kafka[(topic, key)] = None
                         continue
                     out[pk] = row[:-2]
-                    if row[-1]:
-                        kafka.append((topic, key, row_json(columns, row[:-2], row[-2])))
+                    if row[-1] or (topic, key) in kafka:
+                        kafka[(topic, key)] = (columns, row[:-2], row[-2])
             for exc in gi.exceptions:
                 self._exception(exc, delta, kafka)
             for cand in gi.handoffs:
@@ -201,16 +205,27 @@ class Coordinator:
                     s[DEAD],
                     s[IGNORED],
                 )
-        return delta, kafka
+        return delta, self._render(kafka)
 
     def tick(self) -> tuple[dict, list]:
         """Re-evaluate the clock-dependent exceptions (live runs, with no new input)."""
         delta: dict = {}
-        kafka: list = []
+        kafka: dict = {}
         self._check_overdue(delta, kafka)
-        return delta, kafka
+        return delta, self._render(kafka)
 
-    def _exception(self, exc: ExceptionFact, delta: dict, kafka: list) -> None:
+    def _render(self, pending: dict[tuple[str, bytes], Any]) -> list:
+        """The batch's Kafka records as (topic, key, value); empty when outputs are off."""
+        if not self.kafka_outputs:
+            return []
+        out = []
+        for (topic, key), v in pending.items():
+            if type(v) is tuple:
+                v = row_json(*v)
+            out.append((topic, key, v))
+        return out
+
+    def _exception(self, exc: ExceptionFact, delta: dict, kafka: dict) -> None:
         st = self.state
         k = (exc.kind, exc.key)
         cur = st.open.get(k)
@@ -229,15 +244,13 @@ class Coordinator:
             del st.open[k]
             row = (exc.kind, exc.key, exc.detail, cur[1], max(cur[2], exc.event_time), False)
         delta.setdefault("reconciliation_exceptions", {})[k] = row
-        kafka.append(
-            (
-                self.topics.exceptions,
-                f"{exc.kind}:{exc.key}".encode(),
-                row_json(EXCEPTION_COLUMNS, row, {}),
-            )
+        kafka[(self.topics.exceptions, f"{exc.kind}:{exc.key}".encode())] = (
+            EXCEPTION_COLUMNS,
+            row,
+            {},
         )
 
-    def _handoff(self, cand: HandoffCandidate, delta: dict, kafka: list) -> None:
+    def _handoff(self, cand: HandoffCandidate, delta: dict, kafka: dict) -> None:
         st = self.state
         oid = cand.order_id
         if cand.activated_at is None:
@@ -250,7 +263,7 @@ class Coordinator:
         st.pending[oid] = cand.activated_at
         heapq.heappush(st.heap, (cand.activated_at, oid))
 
-    def _check_overdue(self, delta: dict, kafka: list) -> None:
+    def _check_overdue(self, delta: dict, kafka: dict) -> None:
         st = self.state
         now = self.now()
         heap = st.heap
