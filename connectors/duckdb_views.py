@@ -75,6 +75,11 @@ _FEW = 2000  # batches up to this many keys per table look up before-images by r
 WRITER_CONFIG: dict[str, Any] = {"enable_external_access": False}
 
 
+# Pending rows beyond which the worker commits inline instead of leaving it to
+# the flusher thread: bounds the memory of a writer that falls behind.
+_BACKLOG_ROWS = 500_000
+
+
 class ResumeError(RuntimeError):
     """The views file cannot be brought to the state this run's recovery snapshot names.
 
@@ -260,7 +265,9 @@ class ViewsWriterPartition(StatefulSinkPartition[ViewDelta, int]):
         self._sql = {t: _TableSql(t) for t in SCHEMA}
         self._pending: dict[str, dict[tuple[Any, ...], tuple[Any, ...] | None]] = {}
         self._meta: list[Any] = []
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the connection: one commit at a time, in order
+        self._plock = threading.Lock()  # the pending rows
+        self._due = threading.Event()  # a commit is due (set by write_batch)
         self._error: BaseException | None = None
         self._closed = False
         self.commits = 0  # commits made by this partition (for tests and metrics)
@@ -284,7 +291,7 @@ class ViewsWriterPartition(StatefulSinkPartition[ViewDelta, int]):
         if commit_interval_s > 0:
             flusher = threading.Thread(
                 target=_flush_loop,
-                args=(weakref.ref(self), self._stop, commit_interval_s),
+                args=(weakref.ref(self), self._stop, self._due, commit_interval_s),
                 name="sferp-views-flusher",
                 daemon=True,
             )
@@ -383,9 +390,15 @@ class ViewsWriterPartition(StatefulSinkPartition[ViewDelta, int]):
     # -- writing --------------------------------------------------------------------
 
     def write_batch(self, values: list[ViewDelta]) -> None:
-        """Coalesce the deltas (later wins per key); commit when the interval elapsed."""
+        """Coalesce the deltas (later wins per key); a commit is due when the interval elapsed.
+
+        The commit itself runs on the flusher thread: DuckDB releases the GIL
+        while it writes, so the dataflow keeps computing meanwhile. Only when the
+        pending rows grow past `_BACKLOG_ROWS` (the writer falls behind) does the
+        worker commit inline, which bounds memory.
+        """
         self._raise_background_error()
-        with self._lock:
+        with self._plock:
             pending = self._pending
             for delta in values:
                 for table, changes in delta.items():
@@ -400,8 +413,12 @@ class ViewsWriterPartition(StatefulSinkPartition[ViewDelta, int]):
                         pending[table] = dict(changes)
                     else:
                         current.update(changes)
-            if time.monotonic() - self._last_commit >= self._interval:
+            backlog = sum(len(c) for c in pending.values())
+        if backlog > _BACKLOG_ROWS or self._interval <= 0:
+            with self._lock:
                 self._commit_locked(snapshot=False)
+        elif time.monotonic() - self._last_commit >= self._interval:
+            self._due.set()
 
     def snapshot(self) -> int:
         """Commit pending work; the last commit's sequence number is the resume state."""
@@ -415,6 +432,7 @@ class ViewsWriterPartition(StatefulSinkPartition[ViewDelta, int]):
         if self._closed:
             return
         self._stop.set()
+        self._due.set()
         try:
             with self._lock:
                 if self._error is None:
@@ -446,16 +464,18 @@ class ViewsWriterPartition(StatefulSinkPartition[ViewDelta, int]):
     def _commit_locked(self, *, snapshot: bool) -> None:
         """One transaction: undo images, deletes and upserts of all pending tables.
 
+        Called with `_lock` held, which orders commits; the pending rows are taken
+        under `_plock`, so the worker can keep adding rows during the commit.
         With `snapshot`, also records the resulting position as a snapshot (and prunes).
         """
-        pending, meta = self._pending, self._meta
+        with self._plock:
+            pending, meta = self._pending, self._meta
+            self._pending, self._meta = {}, []
         new_snapshot = snapshot and self._base != (self._seq + 1 if pending else self._seq)
         if not pending and not new_snapshot:
             self._last_commit = time.monotonic()
-            if meta:
-                self._meta = []
-                if self._on_commit is not None:
-                    self._on_commit(meta)
+            if meta and self._on_commit is not None:
+                self._on_commit(meta)
             return
         con = self._con
         seq = self._seq + 1 if pending else self._seq
@@ -474,7 +494,6 @@ class ViewsWriterPartition(StatefulSinkPartition[ViewDelta, int]):
         self._seq = seq
         if new_snapshot:
             self._base = seq
-        self._pending, self._meta = {}, []
         self._last_commit = time.monotonic()
         if pending:
             self.commits += 1
@@ -497,10 +516,17 @@ class ViewsWriterPartition(StatefulSinkPartition[ViewDelta, int]):
 
 
 def _flush_loop(
-    ref: weakref.ref[ViewsWriterPartition], stop: threading.Event, every: float
+    ref: weakref.ref[ViewsWriterPartition],
+    stop: threading.Event,
+    due: threading.Event,
+    every: float,
 ) -> None:
-    """Commit pending rows when items stop arriving (no write_batch to trigger it)."""
-    while not stop.wait(every):
+    """Commit pending rows when a commit is due, or when items stop arriving."""
+    while not stop.is_set():
+        due.wait(every)
+        due.clear()
+        if stop.is_set():
+            return
         part = ref()
         if part is None:
             return
