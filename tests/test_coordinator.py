@@ -1,0 +1,136 @@
+"""The coordinator: the flow's clock, hand-off SLAs, exceptions and Kafka rendering."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from sferp.operators import coordinator as coord_mod
+from sferp.operators.coordinator import Coordinator, CoordinatorState, OutputTopics, iso
+from sferp.operators.facts import ExceptionFact, GlobalInput, HandoffCandidate
+
+MIN = 60_000
+
+
+def gi(**kw) -> GlobalInput:
+    base = {
+        "stats": {},
+        "clock": None,
+        "dead_letters": [],
+        "rows": {},
+        "exceptions": [],
+        "handoffs": [],
+        "kafka": [],
+    }
+    base.update(kw)
+    return GlobalInput(**base)
+
+
+def make(live=False, **kw) -> Coordinator:
+    return Coordinator(
+        CoordinatorState(), handoff_sla_ms=15 * MIN, topics=OutputTopics(), live=live, **kw
+    )
+
+
+def test_iso_matches_datetime_rendering():
+    assert iso(0) == "1970-01-01T00:00:00.000Z"
+    assert iso(1793606400123) == "2026-11-02T08:00:00.123Z"
+    assert iso(None) is None
+
+
+def test_flow_stats_has_a_row_for_every_input_topic_from_the_start():
+    c = make(input_topics=("a", "b"))
+    delta, _ = c.process([gi(stats={"a": [3, 2, 1, 0, 0, 0]})])
+    assert delta["flow_stats"][("a",)] == ("a", 3, 2, 1, 0, 0, 0)
+    assert delta["flow_stats"][("b",)] == ("b", 0, 0, 0, 0, 0, 0)
+
+
+def test_handoff_opens_only_after_the_sla_in_event_time_and_closes_on_handoff():
+    c = make()
+    t0 = 1_800_000_000_000
+    delta, kafka = c.process([gi(clock=t0, handoffs=[HandoffCandidate("801A", t0)])])
+    assert "reconciliation_exceptions" not in delta
+    delta, kafka = c.process([gi(clock=t0 + 15 * MIN)])  # exactly the SLA: not exceeded
+    assert "reconciliation_exceptions" not in delta
+    delta, kafka = c.process([gi(clock=t0 + 15 * MIN + 1)])
+    row = delta["reconciliation_exceptions"][("HANDOFF_OVERDUE", "801A")]
+    assert row[5] is True and row[3] == t0 + 15 * MIN  # first_seen: when it became overdue
+    ((topic, key, value),) = kafka
+    assert topic == "reconciled.exceptions" and key == b"HANDOFF_OVERDUE:801A"
+    assert json.loads(value)["open"] is True
+    delta, kafka = c.process([gi(handoffs=[HandoffCandidate("801A", None)])])
+    assert delta["reconciliation_exceptions"][("HANDOFF_OVERDUE", "801A")][5] is False
+
+
+def test_live_clock_ages_with_wall_clock_and_is_capped(monkeypatch):
+    wall = [1_800_000_000_000]
+    monkeypatch.setattr(coord_mod, "_wall_ms", lambda: wall[0])
+    c = make(live=True, max_future_skew_ms=5 * MIN)
+    t0 = wall[0] - 10 * MIN
+    c.process([gi(clock=t0, handoffs=[HandoffCandidate("801B", t0)])])
+    assert c.now() == t0
+    wall[0] += 16 * MIN  # no events for 16 minutes: the clock still moves
+    assert c.now() == t0 + 16 * MIN
+    delta, _ = c.tick()
+    assert ("HANDOFF_OVERDUE", "801B") in delta["reconciliation_exceptions"]
+    # an event stamped far in the future cannot drag the clock past wall + skew
+    c.process([gi(clock=wall[0] + 60 * MIN)])
+    assert c.now() == wall[0] + 5 * MIN
+
+
+def test_bounded_clock_is_the_largest_event_time():
+    c = make()
+    c.process([gi(clock=5), gi(clock=3)])
+    assert c.now() == 5
+
+
+def test_a_row_changed_twice_in_a_batch_is_sent_once_in_its_final_version():
+    c = make()
+    r1 = ("SKU-1", 10, 0, 0, 10, 1000, {"erp": "e1"}, True)
+    r2 = ("SKU-1", 12, 0, 0, 12, 2000, {"erp": "e2"}, True)
+    delta, kafka = c.process(
+        [
+            gi(rows={"inventory_live": {("SKU-1",): r1}}),
+            gi(rows={"inventory_live": {("SKU-1",): r2}}),
+        ]
+    )
+    assert delta["inventory_live"][("SKU-1",)] == r2[:-2]
+    ((topic, key, value),) = kafka
+    doc = json.loads(value)
+    assert (topic, key) == ("reconciled.inventory", b"SKU-1")
+    assert doc["on_hand"] == 12 and doc["lineage"] == {"erp": "e2"}
+    assert doc["updated_at"] == "1970-01-01T00:00:02.000Z"
+
+
+def test_only_informational_changes_update_duckdb_but_not_kafka():
+    c = make()
+    row = ("SKU-1", 10, 0, 0, 10, 3000, {"erp": "e3"}, False)
+    delta, kafka = c.process([gi(rows={"inventory_live": {("SKU-1",): row}})])
+    assert delta["inventory_live"][("SKU-1",)][5] == 3000
+    assert kafka == []
+
+
+def test_a_row_leaving_a_view_is_a_tombstone():
+    c = make()
+    _, kafka = c.process([gi(rows={"order_status": {("801C",): None}})])
+    assert kafka == [("reconciled.orders", b"801C", None)]
+
+
+@pytest.mark.parametrize("reopen_detail", ["same", "changed"])
+def test_exception_first_seen_is_kept_while_open(reopen_detail):
+    c = make()
+    c.process([gi(exceptions=[ExceptionFact("UNKNOWN_SKU", "X", True, "d", 100)])])
+    detail = "d" if reopen_detail == "same" else "d2"
+    delta, _ = c.process([gi(exceptions=[ExceptionFact("UNKNOWN_SKU", "X", True, detail, 200)])])
+    row = delta["reconciliation_exceptions"][("UNKNOWN_SKU", "X")]
+    assert row[3] == 100 and row[4] == 200 and row[2] == detail
+    delta, _ = c.process([gi(exceptions=[ExceptionFact("UNKNOWN_SKU", "X", False, "ok", 300)])])
+    row = delta["reconciliation_exceptions"][("UNKNOWN_SKU", "X")]
+    assert row[5] is False and row[3] == 100
+
+
+def test_kafka_rendering_is_skipped_when_outputs_are_off():
+    c = make(kafka_outputs=False)
+    row = ("SKU-1", 10, 0, 0, 10, 3000, {}, True)
+    delta, kafka = c.process([gi(rows={"inventory_live": {("SKU-1",): row}})])
+    assert kafka == [] and delta["inventory_live"]
