@@ -66,6 +66,21 @@ def sferp(*args, timeout=300, **kw):
     )
 
 
+def run_until_caught_up(broker, config, views_path, *extra):
+    r = sferp(
+        "run",
+        "--config",
+        str(config),
+        "--bootstrap",
+        broker.bootstrap,
+        "--views",
+        str(views_path),
+        "--until-caught-up",
+        *extra,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
 def read_topic(bootstrap, topic):
     """Every message of a one-partition topic, read until nothing new arrives."""
     c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
@@ -94,17 +109,7 @@ def test_bounded_run_equals_reference_and_outputs_agree(broker, world, tmp_path)
     cfg = gen_config(names, 1200, seed=21)
     produce(cfg, broker.bootstrap, create_topics=False)
     views_path = tmp_path / "views.duckdb"
-    r = sferp(
-        "run",
-        "--config",
-        str(config),
-        "--bootstrap",
-        broker.bootstrap,
-        "--views",
-        str(views_path),
-        "--until-caught-up",
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_until_caught_up(broker, config, views_path)
     views = load_views(views_path)
     expected = reference_for(names, cfg)
     assert diff(expected, views) == []
@@ -140,19 +145,7 @@ def test_two_workers_give_the_same_views(broker, world, tmp_path):
     cfg = gen_config(names, 800, seed=22)
     produce(cfg, broker.bootstrap, create_topics=False)
     views_path = tmp_path / "views.duckdb"
-    r = sferp(
-        "run",
-        "--config",
-        str(config),
-        "--bootstrap",
-        broker.bootstrap,
-        "--views",
-        str(views_path),
-        "--until-caught-up",
-        "-w",
-        "2",
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_until_caught_up(broker, config, views_path, "-w", "2")
     assert diff(reference_for(names, cfg), load_views(views_path)) == []
 
 
@@ -164,6 +157,26 @@ def _wait_for(predicate, timeout=60.0, every=0.3):
             return value
         time.sleep(every)
     raise AssertionError("condition not met in time")
+
+
+def test_missing_topic_is_one_clear_line_and_exit_1(broker, tmp_path):
+    config = tmp_path / "sferp.toml"
+    config.write_text('[topics]\nsf_cdc = "no.such.topic.here"\n')
+    r = sferp(
+        "run",
+        "--config",
+        str(config),
+        "--bootstrap",
+        broker.bootstrap,
+        "--until-caught-up",
+        "--views",
+        str(tmp_path / "v.duckdb"),
+        timeout=120,
+    )
+    assert r.returncode == 1
+    lines = [x for x in r.stderr.splitlines() if x.startswith("sferp")]
+    assert len(lines) == 1 and "no.such.topic.here" in lines[0]
+    assert "Traceback" not in r.stderr and "panicked" not in r.stderr
 
 
 def test_live_run_is_queryable_and_stops_cleanly_on_sigterm(broker, world, tmp_path):
