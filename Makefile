@@ -5,21 +5,24 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast bench bench-quick lint fmt fuzz clean
+.PHONY: venv demo test test-slow test-fast bench bench-quick lint fmt fuzz clean
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	@touch $(STAMP)
 
 demo: venv
 	$(BIN)/sferp demo
 
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: venv  # long tests (for example the 2-million-row extract's memory)
+	$(BIN)/python -m pytest -q -s -m slow
 
 bench: venv
 	$(BIN)/sferp bench

@@ -271,7 +271,7 @@ class ViewsWriterPartition(StatefulSinkPartition[ViewDelta, int]):
         self._error: BaseException | None = None
         self._closed = False
         self.commits = 0  # commits made by this partition (for tests and metrics)
-        self._con = duckdb.connect(path, config=WRITER_CONFIG)
+        self._con = _connect_writer(path)
         try:
             self._seq, self._base = self._open(resume_state)
         except BaseException:
@@ -502,6 +502,8 @@ class ViewsWriterPartition(StatefulSinkPartition[ViewDelta, int]):
 
     def _apply(self, table: str, changes: dict[tuple[Any, ...], tuple[Any, ...] | None]) -> None:
         """Undo images, deletes and upserts of one table: each a single bulk statement."""
+        if not changes:  # a delta may name a table without rows (nothing to bind)
+            return
         sql = self._sql[table]
         con = self._con
         if self._undo:
@@ -513,6 +515,22 @@ class ViewsWriterPartition(StatefulSinkPartition[ViewDelta, int]):
             con.execute(sql.delete, list(map(list, zip(*dels, strict=True))))
         if ups:
             con.execute(sql.upsert, list(map(list, zip(*ups, strict=True))))
+
+
+def _connect_writer(path: str, wait_s: float = 10.0) -> duckdb.DuckDBPyConnection:
+    """Open the views file read-write, waiting up to `wait_s` for a reader to let go.
+
+    `sferp query` on a stopped flow opens the file read-only for a moment; a flow
+    (re)starting just then would otherwise fail on DuckDB's file lock.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return duckdb.connect(path, config=WRITER_CONFIG)
+        except duckdb.IOException as exc:
+            if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 def _flush_loop(

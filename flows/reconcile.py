@@ -25,6 +25,7 @@ from bytewax.dataflow import Dataflow, Stream
 from bytewax.operators import StatefulBatchLogic
 from sferp.connectors.duckdb_views import DuckDBViewsSink
 from sferp.connectors.kafka import KafkaSink, KafkaSource
+from sferp.connectors.kafka_outputs import ReconciledKafkaSink, mirror_path
 from sferp.operators.coordinator import Coordinator, CoordinatorState, OutputTopics
 from sferp.operators.decode import DecodeConfig, decode_batch
 from sferp.operators.facts import CHANGES, GLOBAL_IN, TICK, GlobalInput
@@ -49,6 +50,7 @@ class FlowOptions:
     stop_event: threading.Event = field(default_factory=threading.Event)
     kafka_outputs: bool = True
     source: Any = None  # a Bytewax source of list[RawMessage] items instead of Kafka (tests)
+    metrics: Any = None  # a sferp.metrics.Monitor observing the flow's edges, or None
 
 
 def make_router(cfg: DecodeConfig, *, live: bool, max_future_skew_ms: int) -> Any:
@@ -183,6 +185,11 @@ def build_flow(settings: Settings, opts: FlowOptions) -> Dataflow:
     live = not opts.bounded
     rec = opts.recovery
     decode_cfg = DecodeConfig(topics=roles, max_message_bytes=fs.max_message_bytes)
+    sf_api = bool(settings.salesforce.instance_url)  # README "Connecting to Salesforce"
+    if sf_api:
+        from sferp.flows import salesforce as sfc
+
+        decode_cfg = sfc.with_echo_rule(decode_cfg, settings)
     client_config = settings.kafka_client_config()
 
     flow = Dataflow("sferp_reconcile")
@@ -201,6 +208,38 @@ def build_flow(settings: Settings, opts: FlowOptions) -> Dataflow:
         raw,
         make_router(decode_cfg, live=live, max_future_skew_ms=fs.max_future_skew_s * 1000),
     )
+    probe = opts.metrics
+    if probe is not None:  # observe only: messages read, partition clocks
+        op.inspect("metrics_in", raw, probe.on_input)
+        op.inspect("metrics_decoded", routed, probe.on_routed)
+
+    extract_topics: tuple[str, ...] = ()
+    if settings.erp_extracts.path:  # ERP extract files beside Kafka (README "Batch extracts")
+        from sferp.connectors.erp_extracts import source_from_settings
+        from sferp.operators.extract_routing import make_extract_router
+
+        ex_source = source_from_settings(
+            settings.erp_extracts,
+            views_path=opts.views_path or settings.views.path,
+            bounded=opts.bounded,
+            recovery=rec,
+            batch_size=fs.batch_size,
+            stop_event=opts.stop_event,
+        )
+        extract_topics = ex_source.topics
+        ex_routed = op.flat_map(
+            "extracts_route",
+            op.input("extracts_in", flow, ex_source),
+            make_extract_router(live=live, max_future_skew_ms=fs.max_future_skew_s * 1000),
+        )
+        if opts.metrics is not None:  # event lag of the extract pseudo-topics
+            op.inspect("metrics_extracts", ex_routed, opts.metrics.on_routed)
+        routed = op.merge("with_extracts", routed, ex_routed)
+
+    if sf_api:  # polled changes join, gap markers wait for their re-reads
+        routed = sfc.attach_salesforce(
+            flow, routed, settings, bounded=opts.bounded, recovery=rec, stop_event=opts.stop_event
+        )
 
     window_ms = fs.dedup_window_s * 1000
     lateness_ms = fs.allowed_lateness_s * 1000
@@ -245,7 +284,7 @@ def build_flow(settings: Settings, opts: FlowOptions) -> Dataflow:
             topics=out_topics,
             live=live,
             max_future_skew_ms=fs.max_future_skew_s * 1000,
-            input_topics=tuple(roles),
+            input_topics=tuple(roles) + extract_topics,
             kafka_outputs=opts.kafka_outputs,
         )
         return _CoordinatorLogic(coord, rec, live)
@@ -254,18 +293,26 @@ def build_flow(settings: Settings, opts: FlowOptions) -> Dataflow:
         op.filter(f"global_in_{i}", up, _prefix(GLOBAL))
         for i, up in enumerate((routed, merged, orders, skus))
     ]
+    if probe is not None:
+        coord_builder = probe.wrap_coordinator(coord_builder)
     coordinated = op.stateful_batch("coordinator", op.merge("global_in", *to_global), coord_builder)
-    deltas = op.map_value("deltas", coordinated, lambda out: out[0])
-    op.output(
-        "views",
-        deltas,
-        DuckDBViewsSink(
-            opts.views_path or settings.views.path, writer=opts.writer, undo=opts.recovery
-        ),
+    deltas = op.map_value("deltas", coordinated, probe.stamp if probe else lambda out: out[0])
+    views_sink = DuckDBViewsSink(
+        opts.views_path or settings.views.path, writer=opts.writer, undo=opts.recovery
     )
+    op.output("views", deltas, probe.views_sink(views_sink) if probe else views_sink)
+    if sf_api and settings.salesforce.writeback:
+        dlq = sfc.dead_letter_writer(settings, opts.kafka_outputs)
+        sfc.attach_writeback(deltas, settings, dlq, writer=opts.writer, recovery=rec)
     if opts.kafka_outputs:
-        records = op.flat_map("kafka_records", coordinated, lambda kv: kv[1][1])
-        op.output(
-            "kafka_out", records, KafkaSink(settings.kafka.bootstrap, client_config=client_config)
+        # One producer on the writer's process, keyed records in the coordinator's order;
+        # with recovery, a mirror brings the compacted topics back to the snapshot on resume.
+        records = op.filter_map_value("kafka_records", coordinated, lambda out: out[1] or None)
+        kafka_sink = ReconciledKafkaSink(
+            KafkaSink(settings.kafka.bootstrap, client_config=client_config),
+            compacted=(topics.out_inventory, topics.out_orders, topics.out_exceptions),
+            mirror=mirror_path(opts.views_path or settings.views.path) if rec else None,
+            writer=opts.writer,
         )
+        op.output("kafka_out", records, kafka_sink)
     return flow

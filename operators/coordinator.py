@@ -169,6 +169,8 @@ class Coordinator:
                     key = f"{d.topic}:{d.partition}:{d.offset}".encode()
                     kafka[(self.topics.dlq, key)] = orjson.dumps(value)
             for table, rows in gi.rows.items():
+                if not rows:
+                    continue
                 out = delta.setdefault(table, {})
                 if table == "records":
                     out.update(rows)

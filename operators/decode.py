@@ -33,10 +33,14 @@ from sferp.operators.decode_common import (
 )
 from sferp.operators.decode_erp import ERP_TABLES, decode_erp
 from sferp.operators.decode_salesforce import decode_salesforce
+from sferp.operators.sf_images import writeback_echo
 
 from sferp.events import Change, DeadLetter, Ignored, RawMessage
 
+IGNORED_ECHO = "writeback_echo"  # a CDC echo of sferp's own Salesforce write-back
+
 __all__ = [
+    "IGNORED_ECHO",
     "IGNORED_ENTITY",
     "IGNORED_MESSAGE",
     "IGNORED_TOMBSTONE",
@@ -66,6 +70,9 @@ class DecodeConfig:
     topics: dict[str, str] = field(default_factory=dict)
     max_message_bytes: int = 1_048_576
     max_depth: int = 64
+    # (client id, write-back field names): CDC echoes of sferp's own write-back
+    # are ignored (operators/sf_images.py, writeback_echo).
+    writeback_echo: tuple[str, frozenset[str]] | None = None
 
     def __post_init__(self) -> None:
         bad = {t: r for t, r in self.topics.items() if r not in ROLES}
@@ -91,6 +98,7 @@ def decode_batch(msgs: list[RawMessage], cfg: DecodeConfig) -> list[Outcome]:
     roles = cfg.topics
     max_bytes = cfg.max_message_bytes
     max_depth = cfg.max_depth
+    echo = cfg.writeback_echo
     out: list[Outcome] = []
     append = out.append
     for msg in msgs:
@@ -124,6 +132,10 @@ def decode_batch(msgs: list[RawMessage], cfg: DecodeConfig) -> list[Outcome]:
                 result = decode_erp(obj, msg, role, max_depth)
         except ReparseExact:
             result = _decode_exact(msg, role, max_depth)
+        if echo is not None and role == SALESFORCE_ROLE and type(result) is not DeadLetter:
+            ts = writeback_echo(obj, echo[0], echo[1])
+            if ts is not None:
+                result = _new(Ignored, (msg.topic, msg.partition, msg.offset, IGNORED_ECHO, ts))
         if type(result) is list:
             out.extend(result)
         else:

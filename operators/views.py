@@ -192,8 +192,10 @@ class OrdersStage:
                 mismatch = matches is False
                 invoiced = link.invoiced_at
                 erp_status = link.status
-                stage = "CANCELLED" if status == "Cancelled" or erp_status == "CANCELLED" else (
-                    _str_or_none(erp_status)
+                stage = (
+                    "CANCELLED"
+                    if status == "Cancelled" or erp_status == "CANCELLED"
+                    else (_str_or_none(erp_status))
                 )
                 erp_no = link.order_no
             else:

@@ -63,12 +63,13 @@ class TopicSettings(_Section):
 
     def input_roles(self) -> dict[str, str]:
         """Input topic name -> its role (`salesforce` or the ERP table)."""
-        return {
+        roles = {
             self.sf_cdc: "salesforce",
             self.erp_items: "items",
             self.erp_inventory: "inventory",
             self.erp_sales_orders: "sales_orders",
         }
+        return {t: r for t, r in roles.items() if t}  # sf_cdc = "": Salesforce by polling only
 
     def outputs(self) -> list[str]:
         """All output topic names."""
@@ -94,10 +95,12 @@ class ViewSettings(_Section):
 
 
 class MetricsSettings(_Section):
-    """Prometheus endpoint of each process: port + process id."""
+    """Prometheus endpoint of each process: port + process id (0: any free port)."""
 
     port: int = Field(9464, ge=0, le=65535)
     bind: str = "127.0.0.1"
+    ready_max_lag: int = Field(1000, ge=0)  # /readyz: at most this many messages behind
+    poll_interval_s: float = Field(5, gt=0)  # how often end offsets are read for lag
 
 
 class SalesforceSettings(_Section):
@@ -123,6 +126,62 @@ class SalesforceSettings(_Section):
     lookback_s: int = Field(300, ge=0)
     writeback: bool = False
     api_reserve_fraction: float = Field(0.2, ge=0, le=1)
+    # Beyond CONTRACT §4.1 (README "Connecting to Salesforce").
+    login_url: str = "https://login.salesforce.com"  # JWT audience; test.salesforce.com: sandbox
+    client_id: str = "sferp"  # Sforce-Call-Options client: marks write-back echoes in CDC
+    timeout_s: float = Field(30, gt=0)
+    calls_per_minute: float = Field(60, gt=0)
+    bulk_threshold: int = Field(10_000, ge=0)
+    writeback_order_no_field: str = "ERP_Order_No__c"
+    writeback_stage_field: str = "ERP_Stage__c"
+    writeback_invoiced_at_field: str = "ERP_Invoiced_At__c"
+    writeback_atp_field: str = "Available_To_Promise__c"
+
+
+EXTRACT_TABLES = ("items", "inventory", "sales_orders")
+# README "Batch extracts": <table>.<full|delta>[.<seq>][.<YYYYMMDDTHHMMSS[mmm]Z>].<ext>
+DEFAULT_EXTRACT_PATTERN = (
+    r"(?P<table>[A-Za-z][A-Za-z0-9_]*)\.(?P<kind>full|delta)"
+    r"(?:\.(?P<seq>[0-9]{1,9}))?(?:\.(?P<ts>[0-9]{8}T[0-9]{6}(?:[0-9]{3})?Z))?"
+    r"\.(?P<ext>csv|csv\.gz|parquet|jsonl|jsonl\.gz|ndjson)"
+)
+
+
+class ErpExtractSettings(_Section):
+    """Scheduled ERP extract files as an input beside Kafka (README "Batch extracts")."""
+
+    path: str = ""  # directory of extract files; empty: no extracts
+    tables: list[str] = Field(default_factory=lambda: list(EXTRACT_TABLES))
+    poll_interval_s: float = Field(10, gt=0)
+    format: Literal["auto", "csv", "parquet", "jsonl"] = "auto"
+    bad_row_tolerance: float = Field(0.0, ge=0, lt=1)  # fraction of a file's rows
+    file_pattern: str = DEFAULT_EXTRACT_PATTERN
+    delete_column: str = "_deleted"
+    csv_delimiter: str = Field(",", min_length=1, max_length=1)
+    state_dir: str = ""  # empty: <views path>.extracts
+    memory_limit_mb: int = Field(256, ge=64)
+    settle_s: float = Field(2.0, ge=0)  # newer files wait this long (still being written?)
+
+    @field_validator("tables")
+    @classmethod
+    def _known_tables(cls, v: list[str]) -> list[str]:
+        for t in v:
+            if t not in EXTRACT_TABLES:
+                raise ValueError(f"unknown table {t!r}; known: {', '.join(EXTRACT_TABLES)}")
+        return v
+
+    @field_validator("file_pattern")
+    @classmethod
+    def _pattern(cls, v: str) -> str:
+        import re
+
+        try:
+            groups = re.compile(v).groupindex
+        except re.error as e:
+            raise ValueError(f"not a regular expression: {e}") from None
+        if "table" not in groups or "kind" not in groups or not {"seq", "ts"} & set(groups):
+            raise ValueError("needs the named groups table, kind, and seq or ts")
+        return v
 
 
 # Settings that are secrets: they may come from the environment (or `<name>_file`),
@@ -145,6 +204,7 @@ class Settings(_Section):
     views: ViewSettings = ViewSettings()
     metrics: MetricsSettings = MetricsSettings()
     salesforce: SalesforceSettings = SalesforceSettings()
+    erp_extracts: ErpExtractSettings = ErpExtractSettings()
 
     def secret(self, section: str, name: str) -> str | None:
         """The secret's value, from the environment or from its `<name>_file`."""

@@ -24,7 +24,7 @@ import struct
 import sys
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -191,8 +191,12 @@ def _text_field(name: str, data: bytes | None, line: dict[str, Any]) -> None:
         line[name + "_b64"] = base64.b64encode(data).decode()
 
 
-def write_jsonl(cfg: GeneratorConfig, out_dir: str | os.PathLike[str]) -> dict[str, int]:
-    """Write the stream as one `<topic>.jsonl` per topic; returns messages per topic.
+def write_jsonl(
+    cfg: GeneratorConfig,
+    out_dir: str | os.PathLike[str],
+    messages: Iterable[GeneratedMessage] | None = None,
+) -> dict[str, int]:
+    """Write the stream (or `messages`) as one `<topic>.jsonl` per topic; returns counts.
 
     Each line is `{"seq", "partition", "key", "value"}`: `seq` is the global
     production index; key and value are text, or `key_b64`/`value_b64` when
@@ -204,7 +208,8 @@ def write_jsonl(cfg: GeneratorConfig, out_dir: str | os.PathLike[str]) -> dict[s
     files = {t: open(out / f"{t}.jsonl", "wb", buffering=1 << 20) for t in counts}  # noqa: SIM115
     dumps = orjson.dumps
     try:
-        for seq, (topic, partition, key, value) in enumerate(generate(cfg)):
+        stream = generate(cfg) if messages is None else messages
+        for seq, (topic, partition, key, value) in enumerate(stream):
             line: dict[str, Any] = {"seq": seq, "partition": partition}
             try:
                 line["key"] = None if key is None else key.decode()
@@ -306,6 +311,7 @@ def produce(
     bootstrap: str,
     client_config: dict[str, Any] | None = None,
     create_topics: bool = True,
+    messages: Iterable[GeneratedMessage] | None = None,
 ) -> dict[str, int]:
     """Produce the stream to Kafka, each message into its computed partition; returns counts.
 
@@ -340,7 +346,7 @@ def produce(
                 time.sleep(0.1)
         send = producer.send
         on_error = failures.append
-        for topic, partition, key, value in generate(cfg):
+        for topic, partition, key, value in generate(cfg) if messages is None else messages:
             send(topic, value=value, key=key, partition=partition).add_errback(on_error)
             counts[topic] += 1
             if failures:
@@ -400,9 +406,15 @@ def _parser() -> _Parser:
         prog="sferp generate",
         description="Generate a realistic Salesforce CDC + ERP Debezium change stream.",
     )
-    where = p.add_mutually_exclusive_group(required=True)
+    where = p.add_mutually_exclusive_group()
     where.add_argument("--bootstrap", metavar="HOST:PORT", help="produce to this Kafka broker")
     where.add_argument("--out", metavar="DIR", help="write <topic>.jsonl files here")
+    p.add_argument("--extracts", metavar="DIR", help="ERP tables as extract files here instead")
+    p.add_argument(
+        "--extract-tables",
+        default="items,inventory,sales_orders",
+        help="tables exported as files with --extracts (default: all three)",
+    )
     p.add_argument("--orders", type=_count, default=1000, help="Salesforce orders (default 1000)")
     p.add_argument("--duplicates", type=_fraction, default=0.05, help="fraction of exact copies")
     p.add_argument("--disorder", type=_fraction, default=0.10, help="fraction delivered late")
@@ -432,14 +444,34 @@ def cli_generate(argv: list[str]) -> int:
         return 2
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
+    if args.bootstrap is None and args.out is None and args.extracts is None:
+        print(
+            "sferp generate: error: one of --bootstrap, --out, --extracts is required",
+            file=sys.stderr,
+        )
+        return 2
+    messages = ext = None
+    if args.extracts is not None:  # README "Batch extracts"
+        from sferp.generator_extracts import ExtractGenerator
+
+        tables = tuple(t.strip() for t in args.extract_tables.split(",") if t.strip())
+        try:
+            ext = ExtractGenerator(cfg, args.extracts, tables)
+        except ValueError as exc:
+            print(f"sferp generate: error: --extract-tables: {exc}", file=sys.stderr)
+            return 2
+        messages = ext.messages()
     started = time.monotonic()
     try:
         if args.out is not None:
-            counts = write_jsonl(cfg, args.out)
+            counts = write_jsonl(cfg, args.out, messages)
             where = args.out
-        else:
-            counts = produce(cfg, args.bootstrap)
+        elif args.bootstrap is not None:
+            counts = produce(cfg, args.bootstrap, messages=messages)
             where = args.bootstrap
+        else:
+            counts, where = {}, ""
+            ext.run()  # type: ignore[union-attr]
     except Exception as exc:  # noqa: BLE001 - one line for the user, exit 1
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"sferp generate: {first}", file=sys.stderr)
@@ -447,5 +479,10 @@ def cli_generate(argv: list[str]) -> int:
     total = sum(counts.values())
     took = time.monotonic() - started
     detail = ", ".join(f"{t}={n}" for t, n in counts.items())
-    print(f"generated {total} messages to {where} in {took:.1f} s ({detail})")
+    if where:
+        print(f"generated {total} messages to {where} in {took:.1f} s ({detail})")
+    if ext is not None:
+        files = ext.world.files
+        bad = sum(1 for f in files if f.fault)
+        print(f"wrote {len(files)} extract files ({bad} malformed) to {args.extracts}")
     return 0

@@ -19,15 +19,17 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from sferp import recovery as _recovery
 from sferp.config import ConfigError, Settings, load_settings
 
 log = logging.getLogger("sferp")
 
-# Recovery partitions created in a new store. Bytewax spreads snapshots over
-# them by key; a cluster of any size can use any count, and more partitions
-# let more workers write snapshots in parallel. 8 leaves room to grow to 8
-# workers without contention; it cannot be changed for an existing store.
-RECOVERY_PARTITIONS = 8
+# Recovery partitions of a new store: see sferp/recovery.py for the choice.
+RECOVERY_PARTITIONS = _recovery.RECOVERY_PARTITIONS
+
+
+class ClusterError(RuntimeError):
+    """A process of a multi-process cluster went away, which stops the others."""
 
 
 @dataclass
@@ -86,31 +88,16 @@ def _setup_logging(fmt: str) -> None:
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
     if logging.getLogger().handlers:
         return
+    from sferp.logfmt import formatter
+
     handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(
-            logging.Formatter(
-                '{"time":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s",'
-                '"message":"%(message)s"}'
-            )
-        )
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(formatter(fmt))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
 
 
-def prepare_recovery(recovery_dir: str) -> Any:
-    """Create and initialise the recovery store when empty; return Bytewax's RecoveryConfig."""
-    from bytewax.recovery import RecoveryConfig, init_db_dir
-
-    path = Path(recovery_dir)
-    path.mkdir(parents=True, exist_ok=True)
-    if not any(path.iterdir()):
-        init_db_dir(path, RECOVERY_PARTITIONS)
-        log.info("initialised recovery store %s with %d partitions", path, RECOVERY_PARTITIONS)
-    else:
-        log.info("resuming from recovery store %s", path)
-    return RecoveryConfig(str(path))
+def prepare_recovery(recovery_dir: str, process_id: int | None = None) -> Any:
+    """Create the recovery store when empty (process 0), or wait for it; see sferp/recovery.py."""
+    return _recovery.prepare_recovery(recovery_dir, process_id=process_id)
 
 
 # Python's cyclic garbage collector rescans the flow's many long-lived small
@@ -144,9 +131,26 @@ def run_flow(settings: Settings, opts: RunOptions) -> int:
             list(settings.topics.input_roles()),
             settings.kafka_client_config(),
         )
-    recovery_config = prepare_recovery(opts.recovery_dir) if opts.recovery_dir else None
+        if settings.salesforce.instance_url:  # README "Connecting to Salesforce"
+            from sferp.connectors.sf_client import preflight
+
+            preflight(settings)
+    from sferp.metrics import create_monitor, recovery_has_state
+
+    resuming = recovery_has_state(opts.recovery_dir)
+    recovery_config = (
+        prepare_recovery(opts.recovery_dir, opts.process_id) if opts.recovery_dir else None
+    )
     views_path = opts.views_path or settings.views.path
     Path(views_path).parent.mkdir(parents=True, exist_ok=True)
+    monitor = create_monitor(
+        settings,
+        views_path=views_path,
+        bounded=opts.bounded,
+        process_id=opts.process_id,
+        workers=opts.workers_per_process,
+        resuming=resuming,
+    )
     flow_opts = FlowOptions(
         bounded=opts.bounded,
         views_path=views_path,
@@ -154,6 +158,7 @@ def run_flow(settings: Settings, opts: RunOptions) -> int:
         writer=opts.process_id in (None, 0),
         stop_event=opts.stop_event,
         kafka_outputs=opts.kafka_outputs,
+        metrics=monitor,
     )
     flow = build_flow(settings, flow_opts)
     tune_gc()
@@ -174,6 +179,7 @@ def run_flow(settings: Settings, opts: RunOptions) -> int:
         opts.workers_per_process,
         opts.process_id,
     )
+    monitor.start()
     try:
         cli_main(
             flow,
@@ -183,8 +189,22 @@ def run_flow(settings: Settings, opts: RunOptions) -> int:
             epoch_interval=timedelta(seconds=settings.flow.snapshot_interval_s),
             recovery_config=recovery_config,
         )
+    except BaseException as exc:
+        # A cluster peer that dies (kill -9, a lost machine) ends the others with a
+        # Rust panic in Timely's network threads: say so in one line (exit 1).
+        if type(exc).__name__ != "PanicException" or not opts.addresses:
+            raise
+        lost_peer = True
+    else:
+        lost_peer = False
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        monitor.stop()
+    if lost_peer:
+        raise ClusterError(
+            "the cluster lost a process (its connection broke); restart every process "
+            "of the cluster: they resume from the recovery store"
+        )
     log.info("stopped")
     return 0
