@@ -116,7 +116,6 @@ def after_kills(stream, tmp_path_factory):
             point = at_fraction(runner.views, procs[0], stream.total, fraction)
             runner.killed_at.append(wait_until(point, procs))
             kill9(procs)
-            runner.resumed = "kafka outputs: resumed at snapshot" in runner.log()
         runner.finish()
         yield runner
     finally:
@@ -168,8 +167,19 @@ def after_worker_changes(stream, tmp_path_factory):
 
 def test_kill9_at_three_points_then_resume_equals_reference(stream, after_kills):
     assert all(n < stream.total for n in after_kills.killed_at), after_kills.killed_at
-    assert after_kills.resumed, "the restarts resumed from the recovery store"
-    assert "kafka outputs: resumed at snapshot" in after_kills.log()
+    # Each restart resumed from the last snapshot or, when the kill came before the
+    # first snapshot completed (it can at >= 20 %), started afresh: then the Kafka
+    # keys the killed run sent are tombstoned first. By the last kill there is one.
+    starts = []
+    for run in (2, 3, 4):
+        log = after_kills.log(run)
+        if "kafka outputs: resumed at snapshot" in log:
+            starts.append("resumed")
+        elif "kafka outputs: starting afresh" in log:
+            starts.append("afresh")
+        else:
+            starts.append(log[-2000:])
+    assert set(starts) <= {"resumed", "afresh"} and starts[-1] == "resumed", starts
     stream.check(after_kills, after_kills.names)
 
 
@@ -179,7 +189,8 @@ def test_kill9_one_process_of_a_cluster_then_restart_both(stream, after_cluster_
     assert "sferp run: error: ClusterError: the cluster lost a process" in (
         after_cluster_kill.survivor_log
     )
-    assert "kafka outputs: resumed at snapshot" in after_cluster_kill.log(process=0)
+    log = after_cluster_kill.log(process=0)
+    assert "kafka outputs: resumed at snapshot" in log or "kafka outputs: starting afresh" in log
     stream.check(after_cluster_kill, after_cluster_kill.names)
     # while it ran, each process served its own metrics on metrics.port + its process id
     for i, (status, text) in enumerate(after_cluster_kill.metrics):
