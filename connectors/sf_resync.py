@@ -12,8 +12,9 @@ with backoff, and the first successful read closes the exception.
 Records are read by Id through queryAll (so recycle-bin deletions are seen),
 200 Ids per call. A record that is not found at all has been purged (or is not
 visible to the integration user) and becomes a DELETE. GAP_OVERFLOW names no
-record: the entity's records modified since an hour before the gap are re-read
-(merge keeps `<entity>:*` open, see the README's notes on gaps).
+record: the entity's records modified since an hour before the gap are re-read,
+and a RESYNCED marker for `<entity>:*` rides after the images so merge closes
+the overflow's exception once the whole window has been read.
 
 Delivery: pending re-reads are part of the flow's snapshot, so a restart
 retries them; re-read images are idempotent for the merge.
@@ -29,7 +30,13 @@ from typing import Any
 from sferp.connectors.sf_client import Backoff, CallError, NotReady, SalesforceApi
 from sferp.operators.facts import CHANGES
 from sferp.operators.routing import MERGE, shard
-from sferp.operators.sf_images import delta_soql, ids_soql, resync_change, valid_id
+from sferp.operators.sf_images import (
+    delta_soql,
+    ids_soql,
+    resync_change,
+    resynced_marker,
+    valid_id,
+)
 
 from sferp.events import Change
 
@@ -103,6 +110,7 @@ class Resyncer:
             soql = delta_soql(entity, gap.event_time - OVERFLOW_WINDOW_MS)
             for rec in self._pages(soql):
                 out.append((resync_change(entity, rec["Id"], rec, gap), stamp))
+            out.append((resynced_marker(gap), stamp))  # every page read: the window is done
         ids = [k for k in keys if not k.endswith(":*") and valid_id(k)]
         if len(ids) + sum(1 for k in keys if k.endswith(":*")) < len(keys):
             log.warning("salesforce: gap names Ids that are not Salesforce Ids; not re-read")

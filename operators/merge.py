@@ -20,6 +20,7 @@ from sferp.events import (
     DELETE,
     GAP,
     LIFECYCLE_OPS,
+    RESYNCED,
     SALESFORCE,
     UPSERT,
     Change,
@@ -192,7 +193,8 @@ class MergeState:
     def __init__(self, window_ms: int) -> None:
         self.dedup = DedupWindow(window_ms)
         self.records: dict[tuple[str, str, str], SfRecord | ErpRecord] = {}
-        self.gaps: dict[str, list] = {}  # resync key -> [gap stamp, open emitted?, event_time]
+        # resync key -> [gap stamp, open emitted?, event_time(, stamp of a RESYNCED marker)]
+        self.gaps: dict[str, list] = {}
         self.clock = 0  # the largest partition clock this shard has heard of
         self.partition_clocks: dict[tuple[str, int], int] = {}
 
@@ -244,6 +246,13 @@ class Merger:
                     continue
                 if ch.op == GAP:
                     self._gap(ch, dirty_gaps)
+                    continue
+                if ch.op == RESYNCED:  # a whole entity re-read after a GAP_OVERFLOW
+                    g = gaps.get(ch.key)
+                    stamp = (ch.order, ch.identity)
+                    if g is not None and (len(g) < 4 or stamp > g[3]):
+                        g[3:] = [stamp]
+                        dirty_gaps.add(ch.key)
                     continue
                 rkey = (ch.source, ch.entity, ch.key)
                 rec = records.get(rkey)
@@ -316,7 +325,10 @@ class Merger:
         for key in dirty_gaps:
             g = self.state.gaps[key]
             recs = [] if key.endswith(":*") else _records_with_key(self.state, key)
-            is_open = not any(r.lc_stamp is not None and r.lc_stamp > g[0] for r in recs)
+            resynced = len(g) > 3 and g[3] > g[0]
+            is_open = not resynced and not any(
+                r.lc_stamp is not None and r.lc_stamp > g[0] for r in recs
+            )
             if is_open != g[1] or is_open:
                 exceptions.append(
                     ExceptionFact(
@@ -325,6 +337,8 @@ class Merger:
                         is_open,
                         "gap event: record must be re-read from Salesforce"
                         if is_open
+                        else "closed by a successful re-read of the entity"
+                        if resynced
                         else "closed by a newer create, undelete or delete",
                         max([g[2]] + [r.event_time for r in recs]),
                     )

@@ -37,7 +37,7 @@ from typing import Any
 
 from sferp.operators.decode_salesforce import ENTITY_FIELDS, NUMERIC_FIELDS, REFERENCE_FIELDS
 
-from sferp.events import DELETE, IMAGE, SALESFORCE, Change, version_string
+from sferp.events import DELETE, IMAGE, RESYNCED, SALESFORCE, Change, version_string
 from sferp.sfid import to18
 
 __all__ = [
@@ -190,6 +190,29 @@ def resync_change(entity: str, rid: str, record: dict[str, Any] | None, gap: Cha
             SALESFORCE, entity, rid, DELETE, order, gap.event_time, identity, None, *position
         )
     return _image(entity, record, order, identity, position)
+
+
+def resynced_marker(gap: Change) -> Change:
+    """The marker that `gap` (a GAP_OVERFLOW, key `<entity>:*`) has been re-read in full.
+
+    It sorts right after the gap, like the images it follows, and is a non-primary
+    copy (flow_stats counts the gap message once).
+    """
+    identity = f"sfapi|{gap.entity}|*|resynced|{version_string(gap.order)}"
+    return Change(
+        SALESFORCE,
+        gap.entity,
+        gap.key,
+        RESYNCED,
+        (*gap.order, 1),
+        gap.event_time,
+        identity,
+        None,
+        gap.topic,
+        gap.partition,
+        gap.offset,
+        False,
+    )
 
 
 def coerce_csv(entity: str, row: dict[str, str]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ UNDELETE = "undelete"  # Salesforce UNDELETE: full image
 UPSERT = "upsert"  # Debezium c/u/r (and extract rows): whole row image
 GAP = "gap"  # Salesforce GAP_*: the record must be re-read
 IMAGE = "image"  # a full record image read from the Salesforce API (poll or re-read)
+RESYNCED = "resynced"  # a GAP_OVERFLOW's entity was re-read: closes `<entity>:*` (no record)
 
 LIFECYCLE_OPS = frozenset({CREATE, DELETE, UNDELETE, IMAGE})
 

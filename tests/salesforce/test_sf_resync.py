@@ -171,5 +171,18 @@ def test_overflow_rereads_the_entity_window(fake_sf):
     f = Flowlet(_resyncer(fake_sf))
     f.send(_event("GAP_OVERFLOW", [], T0))
     assert set(k[2] for k in f.rows) == {"801000000000001AAA"}
-    # merge.py cannot close `Order:*` yet (README, "Connecting to Salesforce").
-    assert f.open() == {"Order:*"}
+    assert f.open() == set()  # the whole window was read: `Order:*` never opens
+
+
+def test_overflow_stays_open_until_a_reread_succeeds(fake_sf):
+    org = fake_sf.org
+    _order(org, "801000000000001AAA", T0 - 10_000)
+    f = Flowlet(_resyncer(fake_sf, breaker_failures=100))
+    org.inject(Fault(lambda m, p: "/queryAll" in p, "http", times=1, status=500))
+    f.send(_event("GAP_OVERFLOW", [], T0))
+    assert f.open() == {"Order:*"} and f.rows == {}
+    f.deliver(f.r.retry_due(force=True))
+    assert f.open() == set() and f.exceptions == {"Order:*": False}
+    assert set(k[2] for k in f.rows) == {"801000000000001AAA"}
+    f.send(_event("GAP_OVERFLOW", [], T0 + 60_000, seq=2))  # a newer overflow, read at once
+    assert f.open() == set()
