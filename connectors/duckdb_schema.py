@@ -92,6 +92,30 @@ TIMESTAMP_COLUMNS: dict[str, tuple[str, ...]] = {
 }
 
 
+# The audit trail (docs/data-protection.md): append-only, one row per view row
+# changed by a commit. Not a view of CONTRACT §3.1, so not in SCHEMA: the writer
+# neither clears it on a fresh start nor keeps before-images of it; a resume
+# deletes the rows of the commits it undoes (`seq` is the commit's number).
+# Note that `at` is a reserved word in DuckDB's SQL: queries must quote it ("at").
+AUDIT_TABLE = "audit_log"
+AUDIT_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("at", "TIMESTAMP"),  # commit wall time, UTC
+    ("table_name", "VARCHAR"),
+    ("row_key", "VARCHAR"),  # the row's Kafka key form; records: source:entity:record_key
+    ("action", "VARCHAR"),  # insert, update, delete; truncate (fresh start), erase (forget)
+    ("lineage", "JSON"),  # source event identities that produced this version
+    ("event_time", "TIMESTAMP"),  # of the row's latest change (NULL for deletes)
+    ("worker", "VARCHAR"),  # host:pid of the writer
+    ("seq", "BIGINT"),  # the writer's commit sequence number
+)
+
+
+def audit_ddl() -> str:
+    """`CREATE TABLE IF NOT EXISTS audit_log (...)` (no primary key: append-only)."""
+    cols = ", ".join(f"{quote(c)} {ty}" for c, ty in AUDIT_COLUMNS)
+    return f"CREATE TABLE IF NOT EXISTS {AUDIT_TABLE} ({cols})"
+
+
 def quote(name: str) -> str:
     """Quote an identifier for DuckDB (several column names are SQL keywords)."""
     return '"' + name.replace('"', '""') + '"'

@@ -52,6 +52,7 @@ from typing import Any
 
 import duckdb
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
+from sferp.connectors.audit_log import LINEAGE, AuditLog, AuditSettings
 from sferp.connectors.duckdb_schema import (
     PRIMARY_KEYS,
     SCHEMA,
@@ -188,6 +189,8 @@ class DuckDBViewsSink(FixedPartitionedSink[ViewDelta, int]):
         on_commit: Callable[[list[Any]], None] | None = None,
         writer: bool = True,
         undo: bool = True,
+        audit: AuditSettings | None = None,
+        protect: Any = None,
     ) -> None:
         """Store the settings; nothing is opened before `build_part`.
 
@@ -198,6 +201,9 @@ class DuckDBViewsSink(FixedPartitionedSink[ViewDelta, int]):
         commit contained (empty list when there were none). `writer=False` makes this
         process list no partition, so that in a multi-process cluster the writer
         lives in the process chosen for it (the one with the views file).
+
+        `audit` keeps the `audit_log` table (connectors/audit_log.py); `protect` (a
+        `sferp.protect.Protector`) encrypts the configured fields of each commit.
         """
         if commit_interval_s < 0:
             raise ValueError("commit_interval_s must be >= 0")
@@ -214,6 +220,8 @@ class DuckDBViewsSink(FixedPartitionedSink[ViewDelta, int]):
         self.on_commit = on_commit
         self.writer = writer
         self.undo = undo
+        self.audit = audit
+        self.protect = protect
 
     def list_parts(self) -> list[str]:
         """The single partition (when this process may write); built on exactly one worker."""
@@ -237,6 +245,8 @@ class DuckDBViewsSink(FixedPartitionedSink[ViewDelta, int]):
             query_timeout_s=self.query_timeout_s,
             on_commit=self.on_commit,
             undo=self.undo,
+            audit=self.audit,
+            protect=self.protect,
         )
 
 
@@ -255,10 +265,14 @@ class ViewsWriterPartition(StatefulSinkPartition[ViewDelta, int]):
         query_timeout_s: float = 30.0,
         on_commit: Callable[[list[Any]], None] | None = None,
         undo: bool = True,
+        audit: AuditSettings | None = None,
+        protect: Any = None,
     ) -> None:
         """Open `path` read-write, recover it to `resume_state`, start the query endpoint."""
         self.path = path
         self._undo = undo
+        self._audit = AuditLog(audit) if audit is not None else None
+        self._protect = protect  # sferp.protect.Protector or None (nothing encrypted)
         self._interval = commit_interval_s
         self._keep = keep_snapshots
         self._on_commit = on_commit
@@ -330,6 +344,8 @@ class ViewsWriterPartition(StatefulSinkPartition[ViewDelta, int]):
                     f"SELECT seq FROM {INTERNAL_SCHEMA}.snapshots ORDER BY seq"
                 ).fetchall()
             ]
+            if self._audit is not None:  # drops the undone commits' rows (same transaction)
+                self._audit.on_open(con, resume_state, seq + 1)
             if resume_state is None:
                 # A new run without recovery state rebuilds the views from scratch.
                 for sql in self._sql.values():
@@ -405,6 +421,8 @@ class ViewsWriterPartition(StatefulSinkPartition[ViewDelta, int]):
                     if table[0] == "_":
                         if table == "_meta":
                             self._meta.append(changes)
+                        elif table == LINEAGE and self._audit is not None:
+                            pending.setdefault(LINEAGE, {}).update(changes)
                         continue
                     if table not in TABLES:
                         raise ValueError(f"unknown view table {table!r}")
@@ -471,6 +489,9 @@ class ViewsWriterPartition(StatefulSinkPartition[ViewDelta, int]):
         with self._plock:
             pending, meta = self._pending, self._meta
             self._pending, self._meta = {}, []
+        lineage = pending.pop(LINEAGE, None)  # audit only: lineage of view rows
+        if self._protect is not None and pending:
+            self._protect.protect_delta(pending)  # encrypt configured fields, in bulk
         new_snapshot = snapshot and self._base != (self._seq + 1 if pending else self._seq)
         if not pending and not new_snapshot:
             self._last_commit = time.monotonic()
@@ -481,6 +502,8 @@ class ViewsWriterPartition(StatefulSinkPartition[ViewDelta, int]):
         seq = self._seq + 1 if pending else self._seq
         con.execute("BEGIN")
         try:
+            if self._audit is not None and pending:
+                self._audit.write(con, pending, lineage, seq)  # before the rows change
             for table, changes in pending.items():
                 self._apply(table, changes)
             if pending:

@@ -75,10 +75,14 @@ def _consumer_config(
 def _open_consumer(
     bootstrap: str, client_config: dict[str, Any] | None, **tuning: Any
 ) -> KafkaConsumer:
+    config = _consumer_config(bootstrap, client_config, **tuning)
     try:
-        return KafkaConsumer(**_consumer_config(bootstrap, client_config, **tuning))
+        return KafkaConsumer(**config)
     except KafkaError as exc:
-        raise KafkaConnectorError(f"cannot connect to Kafka at {bootstrap}: {exc}") from exc
+        from sferp.kafka_auth import connection_problem  # a TLS or SASL problem, if any
+
+        hint = connection_problem(bootstrap, config)
+        raise KafkaConnectorError(f"cannot connect to Kafka at {bootstrap}: {hint or exc}") from exc
 
 
 def _partitions(

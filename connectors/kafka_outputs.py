@@ -239,15 +239,24 @@ class KafkaMirror:
 
 
 class _ReconciledPartition(StatefulSinkPartition[list[SinkItem], int | None]):
-    def __init__(self, producer: Any, mirror: KafkaMirror | None, compacted: frozenset[str]):
+    def __init__(
+        self,
+        producer: Any,
+        mirror: KafkaMirror | None,
+        compacted: frozenset[str],
+        protect: Any = None,
+    ):
         self._producer = producer
         self._mirror = mirror
         self._compacted = compacted
+        self._protect = protect  # sferp.protect.KafkaProtect: encrypts configured fields
 
     def write_batch(self, values: list[list[SinkItem]]) -> None:
         records = [r for batch in values for r in batch]
         if not records:
             return
+        if self._protect is not None:
+            records = self._protect(records)
         if self._mirror is not None:
             compacted = self._compacted
             self._mirror.record({(t, k): v for t, k, v in records if t in compacted and k})
@@ -281,6 +290,7 @@ class ReconciledKafkaSink(FixedPartitionedSink[list[SinkItem], int | None]):
         mirror: str | None = None,
         writer: bool = True,
         keep_snapshots: int = 3,
+        protect: Any = None,
     ) -> None:
         """Store the settings; the producer and the mirror open in `build_part`.
 
@@ -288,12 +298,14 @@ class ReconciledKafkaSink(FixedPartitionedSink[list[SinkItem], int | None]):
         :arg compacted: topics whose latest value per key is the state to keep exact.
         :arg mirror: path of the mirror file, or None for plain at-least-once.
         :arg writer: whether this process lists the partition.
+        :arg protect: a `sferp.protect.KafkaProtect` (encrypts configured fields), or None.
         """
         self._kafka = kafka
         self._compacted = frozenset(compacted)
         self._mirror = mirror
         self._writer = writer
         self._keep = keep_snapshots
+        self._protect = protect
 
     def list_parts(self) -> list[str]:
         """The single partition, when this process may write."""
@@ -309,7 +321,7 @@ class ReconciledKafkaSink(FixedPartitionedSink[list[SinkItem], int | None]):
         """Open the producer and the mirror, and bring the topics back to `resume_state`."""
         producer = self._kafka.build(step_id, 0, 1)
         if self._mirror is None:
-            return _ReconciledPartition(producer, None, self._compacted)
+            return _ReconciledPartition(producer, None, self._compacted, self._protect)
         try:
             mirror = KafkaMirror(self._mirror, keep_snapshots=self._keep)
         except BaseException:
@@ -339,4 +351,4 @@ class ReconciledKafkaSink(FixedPartitionedSink[list[SinkItem], int | None]):
             mirror.close()
             producer.close()
             raise
-        return _ReconciledPartition(producer, mirror, self._compacted)
+        return _ReconciledPartition(producer, mirror, self._compacted, self._protect)

@@ -9,10 +9,14 @@ on its own cursor inside a read-only transaction: a consistent snapshot of commi
 data (DuckDB's MVCC), which never blocks the writer.
 
 Statements are checked with DuckDB's own parser (one statement; SELECT, EXPLAIN of a
-read-only statement, and a few metadata PRAGMAs and CALLs). The read-only transaction
-is the second line of defence: it refuses writes hidden in a SELECT, such as a data
-modifying CTE. Results are cut at a row limit and queries are interrupted after a
-time limit.
+read-only statement, and a few metadata PRAGMAs and CALLs). A SELECT is then walked in
+DuckDB's own syntax tree (`json_serialize_sql`) for table functions with side effects
+(`checkpoint()`, `enable_logging()`, `query('...')` which would run unchecked SQL...),
+which are refused wherever they appear. The read-only transaction is the next line of
+defence: it refuses writes hidden in a SELECT, such as a data modifying CTE; and both
+the writer's connection and the read-only file connection have DuckDB's external access
+off, so no query reads or writes other files or URLs. Results are cut at a row limit
+and queries are interrupted after a time limit.
 
 Protocol: `POST /query` with `{"sql": ..., "max_rows": n, "timeout_s": t}` (both
 optional, capped by the server's own limits); the answer is
@@ -60,6 +64,35 @@ READ_ONLY_PRAGMAS = frozenset(
     }
 )
 
+# Table functions that do something besides reading: checkpoints, logging and
+# profiling switches, extension and resource registration, scans of raw process
+# pointers, and the ones that run SQL given as a string (never checked here).
+SIDE_EFFECT_TABLE_FUNCTIONS = frozenset(
+    {
+        "checkpoint",
+        "force_checkpoint",
+        "enable_logging",
+        "disable_logging",
+        "truncate_duckdb_logs",
+        "enable_profiling",
+        "disable_profiling",
+        "add_grammar_extension",
+        "remove_grammar_extension",
+        "register_external_resource",
+        "register_external_resource_type",
+        "create_external_resource",
+        "deregister_external_resource",
+        "destroy_external_resource",
+        "query",
+        "json_execute_serialized_sql",
+        "arrow_scan",
+        "arrow_scan_dumb",
+        "python_arrow_scan",
+        "pandas_scan",
+        "python_map_function",
+    }
+)
+
 _EXPLAIN_PREFIX = re.compile(r"^\s*explain\s+(?:analy[sz]e\s+)?(?:\([^)]*\)\s*)?", re.I)
 _PRAGMA_NAME = re.compile(r"^\s*pragma\s+([a-z_][a-z0-9_]*)", re.I)
 _CALL_NAME = re.compile(r"^\s*call\s+([a-z_][a-z0-9_]*)\s*\(", re.I)
@@ -101,6 +134,7 @@ def check_read_only(sql: str) -> None:
 def _check_statement(st: duckdb.Statement) -> None:
     kind = st.type
     if kind == duckdb.StatementType.SELECT:
+        _check_table_functions(st.query)
         return
     if kind == duckdb.StatementType.EXPLAIN:
         inner, found = _EXPLAIN_PREFIX.subn("", st.query, count=1)
@@ -123,6 +157,42 @@ def _check_statement(st: duckdb.Statement) -> None:
             return
         raise RefusedStatement("only metadata CALLs are allowed: " + _allowed())
     raise RefusedStatement(f"{kind.name} statements are not allowed: " + _allowed())
+
+
+_SERIALIZER_LOCK = threading.Lock()
+_serializer: duckdb.DuckDBPyConnection | None = None
+
+
+def _syntax_tree(sql: str) -> Any:
+    """DuckDB's own syntax tree of one SELECT statement, as JSON (nothing is executed)."""
+    global _serializer
+    with _SERIALIZER_LOCK:
+        if _serializer is None:
+            _serializer = duckdb.connect(":memory:", config={"enable_external_access": False})
+        row = _serializer.execute("SELECT json_serialize_sql(?)", [sql]).fetchone()
+    return orjson.loads(row[0]) if row else None
+
+
+def _check_table_functions(sql: str) -> None:
+    """Refuse a SELECT that calls a table function with side effects, wherever it appears."""
+    tree = _syntax_tree(sql)
+    if type(tree) is not dict or tree.get("error"):
+        why = tree.get("error_message", "") if type(tree) is dict else ""
+        raise RefusedStatement(f"cannot check this statement ({why or 'no syntax tree'})")
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if type(node) is dict:
+            if node.get("type") == "TABLE_FUNCTION":
+                fn = node.get("function")
+                name = fn.get("function_name") if type(fn) is dict else None
+                if type(name) is str and name.lower() in SIDE_EFFECT_TABLE_FUNCTIONS:
+                    raise RefusedStatement(
+                        f"the table function {name.lower()}() is not allowed: " + _allowed()
+                    )
+            stack.extend(node.values())
+        elif type(node) is list:
+            stack.extend(node)
 
 
 def _allowed() -> str:

@@ -23,6 +23,7 @@ from typing import Any
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow, Stream
 from bytewax.operators import StatefulBatchLogic
+from sferp.connectors.audit_log import AuditSettings, LineageTap
 from sferp.connectors.duckdb_views import DuckDBViewsSink
 from sferp.connectors.kafka import KafkaSink, KafkaSource
 from sferp.connectors.kafka_outputs import ReconciledKafkaSink, mirror_path
@@ -184,13 +185,22 @@ def build_flow(settings: Settings, opts: FlowOptions) -> Dataflow:
     roles = topics.input_roles()
     live = not opts.bounded
     rec = opts.recovery
-    decode_cfg = DecodeConfig(topics=roles, max_message_bytes=fs.max_message_bytes)
+    decode_cfg = DecodeConfig(
+        topics=roles, max_message_bytes=fs.max_message_bytes, max_fields=fs.max_fields
+    )
     sf_api = bool(settings.salesforce.instance_url)  # README "Connecting to Salesforce"
     if sf_api:
         from sferp.flows import salesforce as sfc
 
         decode_cfg = sfc.with_echo_rule(decode_cfg, settings)
     client_config = settings.kafka_client_config()
+    # docs/data-protection.md: field encryption (None: nothing configured, zero cost)
+    # and the audit log, both on the writer's side; key errors surface here, before Bytewax.
+    from sferp.protect import protector_from_settings
+
+    protector = protector_from_settings(settings)
+    sec = settings.security
+    audit = AuditSettings(retention_days=sec.audit_retention_days) if sec.audit_log else None
 
     flow = Dataflow("sferp_reconcile")
     source = opts.source or KafkaSource(
@@ -287,6 +297,8 @@ def build_flow(settings: Settings, opts: FlowOptions) -> Dataflow:
             input_topics=tuple(roles) + extract_topics,
             kafka_outputs=opts.kafka_outputs,
         )
+        if audit is not None:  # hands view rows' lineage to the writer's audit_log
+            coord = LineageTap(coord)
         return _CoordinatorLogic(coord, rec, live)
 
     to_global = [
@@ -298,7 +310,11 @@ def build_flow(settings: Settings, opts: FlowOptions) -> Dataflow:
     coordinated = op.stateful_batch("coordinator", op.merge("global_in", *to_global), coord_builder)
     deltas = op.map_value("deltas", coordinated, probe.stamp if probe else lambda out: out[0])
     views_sink = DuckDBViewsSink(
-        opts.views_path or settings.views.path, writer=opts.writer, undo=opts.recovery
+        opts.views_path or settings.views.path,
+        writer=opts.writer,
+        undo=opts.recovery,
+        audit=audit,
+        protect=protector,
     )
     op.output("views", deltas, probe.views_sink(views_sink) if probe else views_sink)
     if sf_api and settings.salesforce.writeback:
@@ -313,6 +329,11 @@ def build_flow(settings: Settings, opts: FlowOptions) -> Dataflow:
             compacted=(topics.out_inventory, topics.out_orders, topics.out_exceptions),
             mirror=mirror_path(opts.views_path or settings.views.path) if rec else None,
             writer=opts.writer,
+            protect=protector.for_kafka(
+                dlq=topics.dlq, orders=topics.out_orders, exceptions=topics.out_exceptions
+            )
+            if protector is not None
+            else None,
         )
         op.output("kafka_out", records, kafka_sink)
     return flow

@@ -61,7 +61,7 @@ Outcome = Change | DeadLetter | Ignored
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """Which topic carries what, and the size and nesting limits of docs/semantics.md §1.
+    """Which topic carries what, and the size, nesting and width limits of docs/semantics.md §1.
 
     `topics` maps a topic name to its role: "salesforce", "items", "inventory"
     or "sales_orders".
@@ -70,6 +70,7 @@ class DecodeConfig:
     topics: dict[str, str] = field(default_factory=dict)
     max_message_bytes: int = 1_048_576
     max_depth: int = 64
+    max_fields: int = 1000  # fields of a body or row image, names in changedFields + nulledFields
     # (client id, write-back field names): CDC echoes of sferp's own write-back
     # are ignored (operators/sf_images.py, writeback_echo).
     writeback_echo: tuple[str, frozenset[str]] | None = None
@@ -82,6 +83,8 @@ class DecodeConfig:
             raise ValueError("max_message_bytes must be positive")
         if self.max_depth < 1:
             raise ValueError("max_depth must be positive")
+        if self.max_fields < 1:
+            raise ValueError("max_fields must be positive")
 
 
 _new = tuple.__new__
@@ -98,6 +101,7 @@ def decode_batch(msgs: list[RawMessage], cfg: DecodeConfig) -> list[Outcome]:
     roles = cfg.topics
     max_bytes = cfg.max_message_bytes
     max_depth = cfg.max_depth
+    max_fields = cfg.max_fields
     echo = cfg.writeback_echo
     out: list[Outcome] = []
     append = out.append
@@ -127,11 +131,11 @@ def decode_batch(msgs: list[RawMessage], cfg: DecodeConfig) -> list[Outcome]:
             continue
         try:
             if role == SALESFORCE_ROLE:
-                result = decode_salesforce(obj, msg)
+                result = decode_salesforce(obj, msg, max_fields)
             else:
-                result = decode_erp(obj, msg, role, max_depth)
+                result = decode_erp(obj, msg, role, max_depth, max_fields)
         except ReparseExact:
-            result = _decode_exact(msg, role, max_depth)
+            result = _decode_exact(msg, role, max_depth, max_fields)
         if echo is not None and role == SALESFORCE_ROLE and type(result) is not DeadLetter:
             ts = writeback_echo(obj, echo[0], echo[1])
             if ts is not None:
@@ -143,15 +147,17 @@ def decode_batch(msgs: list[RawMessage], cfg: DecodeConfig) -> list[Outcome]:
     return out
 
 
-def _decode_exact(msg: RawMessage, role: str, max_depth: int) -> Outcome | list[Change]:
+def _decode_exact(
+    msg: RawMessage, role: str, max_depth: int, max_fields: int
+) -> Outcome | list[Change]:
     """Decode again from a standard-library parse, which keeps integers beyond 64 bits exact."""
     obj, reason = parse_json_fallback(msg.value)  # type: ignore[arg-type]
     if reason is not None:  # cannot happen for text orjson accepted; kept total
         return dead_letter(msg, reason)
     try:
         if role == SALESFORCE_ROLE:
-            return decode_salesforce(obj, msg)
-        return decode_erp(obj, msg, role, max_depth)
+            return decode_salesforce(obj, msg, max_fields)
+        return decode_erp(obj, msg, role, max_depth, max_fields)
     except ReparseExact as exc:  # a double where an integer is required, truly
         return dead_letter(msg, exc.args[0])
 

@@ -20,6 +20,7 @@ from sferp.events import DeadLetter, RawMessage
 TOO_LARGE = "too_large"
 NOT_JSON = "not_json"
 TOO_DEEP = "too_deep"
+TOO_MANY_FIELDS = "too_many_fields"
 NOT_AN_OBJECT = "not_an_object"
 MISSING_HEADER = "missing_header"
 BAD_HEADER = "bad_header"
@@ -32,6 +33,7 @@ REASONS = frozenset(
         TOO_LARGE,
         NOT_JSON,
         TOO_DEEP,
+        TOO_MANY_FIELDS,
         NOT_AN_OBJECT,
         MISSING_HEADER,
         BAD_HEADER,
@@ -129,74 +131,73 @@ def _has_lone_surrogate(obj: Any) -> bool:
     return False
 
 
-_TOKEN = re.compile(
-    r"""[ \t\n\r]*(?:
-      (?P<s>"(?:[^"\\\x00-\x1f]|\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4}))*")
-    | (?P<n>-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)
-    | (?P<l>true|false|null)
-    | (?P<p>[{}\[\]:,])
-    )""",
-    re.VERBOSE,
-)
-_TRAILING_WS = re.compile(r"[ \t\n\r]*\Z")
-_INT_LITERAL = re.compile(r"-?[0-9]+")
+# The rare path below validates JSON too deep for the parsers' recursion without
+# a Python step per character: regular expressions (which run in C) replace
+# every string by \x00 and every number or literal by \x01, and drop
+# whitespace; a small state machine then walks the remaining tokens. Neither
+# control character can occur in valid JSON text, so a document holding one is
+# refused first and the placeholders cannot be confused with its content.
+_STRING = re.compile(r'"(?:[^"\\\x00-\x1f]++|\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4}))*+"')
+_SCALAR = re.compile(r"-?(?:0|[1-9][0-9]*+)(?:\.[0-9]++)?(?:[eE][+-]?[0-9]++)?|true|false|null")
+# An integer literal beyond Python's 4,300-digit conversion limit (no '.', 'e' around it).
+_HUGE_INT = re.compile(r"(?<![0-9.eE+-])-?[0-9]{4301,}+(?![.eE])")
+_NOT_TOKEN = str.maketrans("", "", "\x00\x01[]{}:,")
+_NO_WS = str.maketrans("", "", " \t\n\r")
+# state -> token -> next state. States: v value, e value or "]" (array just
+# opened), k key or "}" (object just opened), K key, c colon, a after a value.
+# Tokens: "\x00" string, "\x01" number or literal, and the punctuation.
+_STEP = {
+    "v": {"\x00": "a", "\x01": "a", "[": "e", "{": "k"},
+    "e": {"\x00": "a", "\x01": "a", "[": "e", "{": "k", "]": "]"},
+    "k": {"\x00": "c", "}": "}"},
+    "K": {"\x00": "c"},
+    "c": {":": "v"},
+    "a": {",": ",", "]": "]", "}": "}"},
+}
 
 
 def _valid_json_iterative(text: str) -> bool:
-    """Validate JSON text of any depth without recursion (rare path only)."""
+    """Validate JSON text of any depth without recursion (rare path only).
+
+    Rejects what `parse_json_fallback` rejects: NaN/Infinity, integer literals
+    beyond 4,300 digits, escaped lone surrogates.
+    """
+    if "\x00" in text or "\x01" in text:
+        return False  # raw control characters are never valid JSON
+    strings_out = _STRING.sub("\x00", text)
+    if _HUGE_INT.search(strings_out) is not None:
+        return False  # the digit limit, as in parse_json_fallback
+    tokens = _SCALAR.sub("\x01", strings_out).translate(_NO_WS)
+    if tokens.translate(_NOT_TOKEN):
+        return False  # something that is no JSON token
     stack: list[str] = []
-    # states: "v" value expected, "k" key or "}" expected (just opened object),
-    # "K" key expected (after comma), ":" colon expected, "a" after a value,
-    # "e" value or "]" expected (just opened array)
     state = "v"
-    pos = 0
-    match = _TOKEN.match
-    while True:
-        if state == "a" and not stack:
-            return _TRAILING_WS.match(text, pos) is not None
-        m = match(text, pos)
-        if m is None:
+    step = _STEP
+    for tok in tokens:
+        nxt = step[state].get(tok)
+        if nxt is None:
             return False
-        pos = m.end()
-        kind = m.lastgroup
-        tok = m.group(kind)  # type: ignore[arg-type]
-        if kind == "s":
+        if nxt == "a" or nxt == "c" or nxt == "v":
+            state = nxt
+        elif nxt == "e" or nxt == "k":
+            stack.append(tok)
+            state = nxt
+        elif nxt == ",":
+            if not stack:
+                return False  # a token after the complete document
+            state = "K" if stack[-1] == "{" else "v"
+        else:  # a closing bracket: must close the innermost open container
+            if not stack or stack.pop() != ("[" if nxt == "]" else "{"):
+                return False
+            state = "a"
+    if state != "a" or stack:
+        return False  # no document, or one cut short
+    if _SURROGATE_ESCAPE.search(text) is not None:
+        for m in _STRING.finditer(text):
+            tok = m.group()
             if "\\u" in tok and _has_lone_surrogate(json.loads(tok)):
                 return False
-            if state in ("k", "K"):
-                state = ":"
-                continue
-        if kind == "n" and len(tok) > 4300 and _INT_LITERAL.fullmatch(tok):
-            return False  # the digit limit, as in parse_json_fallback
-        if kind in ("s", "n", "l"):
-            if state not in ("v", "e"):
-                return False
-            state = "a"
-            continue
-        # punctuation
-        if tok in "{[":
-            if state not in ("v", "e"):
-                return False
-            stack.append(tok)
-            state = "k" if tok == "{" else "e"
-        elif tok == "}":
-            if not stack or stack[-1] != "{" or state not in ("a", "k"):
-                return False
-            stack.pop()
-            state = "a"
-        elif tok == "]":
-            if not stack or stack[-1] != "[" or state not in ("a", "e"):
-                return False
-            stack.pop()
-            state = "a"
-        elif tok == ":":
-            if state != ":":
-                return False
-            state = "v"
-        else:  # ","
-            if state != "a" or not stack:
-                return False
-            state = "K" if stack[-1] == "{" else "v"
+    return True
 
 
 def deeper_than(obj: Any, limit: int) -> bool:

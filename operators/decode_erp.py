@@ -18,6 +18,7 @@ from sferp.operators.decode_common import (
     IGNORED_TRUNCATE,
     MAX_ABS_SCALE,
     MISSING_PRIMARY_KEY,
+    TOO_MANY_FIELDS,
     ReparseExact,
     dead_letter,
     decode_base64_decimal,
@@ -102,11 +103,15 @@ def decimal_scale(schema: object, column: str) -> int | None:
     return None
 
 
-def decode_erp(o: dict[str, Any], msg: RawMessage, table: str, max_depth: int = 64) -> Any:
+def decode_erp(
+    o: dict[str, Any], msg: RawMessage, table: str, max_depth: int = 64, max_fields: int = 1000
+) -> Any:
     """Decode one parsed Debezium event of `table`: a Change, a DeadLetter or an Ignored.
 
     Upserts carry the `after` image (base64 decimals replaced by decimal
-    strings), deletes the `before` image. May raise ReparseExact (see there).
+    strings), deletes the `before` image; an image with more than `max_fields`
+    columns is a `too_many_fields` dead letter. May raise ReparseExact (see
+    there).
     """
     payload = o.get("payload")
     if type(payload) is dict and "schema" in o:
@@ -140,6 +145,8 @@ def decode_erp(o: dict[str, Any], msg: RawMessage, table: str, max_depth: int = 
     row = e.get("after") if cop is UPSERT else e.get("before")
     if type(row) is not dict:
         return dead_letter(msg, BAD_ENVELOPE)
+    if len(row) > max_fields:
+        return dead_letter(msg, TOO_MANY_FIELDS)
 
     # Primary key: from the row image, else from the Kafka key.
     pk: dict[str, Any] = {}

@@ -15,6 +15,7 @@ from sferp.operators.decode_common import (
     BAD_NUMBER,
     IGNORED_ENTITY,
     MISSING_HEADER,
+    TOO_MANY_FIELDS,
     ReparseExact,
     dead_letter,
     is_big_integral,
@@ -100,12 +101,24 @@ def _is_str_list(value: object) -> bool:
     return True
 
 
-def decode_salesforce(o: dict[str, Any], msg: RawMessage) -> Any:
+def _body_fields(b: dict[str, Any]) -> int:
+    """The number of fields in a body: its keys other than the metadata keys."""
+    n = len(b)
+    for k in METADATA_KEYS:
+        if k in b:
+            n -= 1
+    return n
+
+
+def decode_salesforce(o: dict[str, Any], msg: RawMessage, max_fields: int = 1000) -> Any:
     """Decode one parsed CDC event: a Change, a list of Changes, a DeadLetter or an Ignored.
 
     Several Changes come back when the event names several records: one per
     distinct normalised Id, sorted, sharing identity and `fields` (read-only);
-    only the first has `primary=True`. May raise ReparseExact (see there).
+    only the first has `primary=True`. A body with more than `max_fields`
+    fields, or `changedFields` and `nulledFields` naming more than that
+    together, is a `too_many_fields` dead letter. May raise ReparseExact (see
+    there).
     """
     b = o.get("payload")
     if type(b) is dict:
@@ -148,6 +161,8 @@ def decode_salesforce(o: dict[str, Any], msg: RawMessage) -> Any:
     if spec is None:
         return _new(Ignored, (msg.topic, msg.partition, msg.offset, IGNORED_ENTITY, ts))
     used, numeric, references = spec
+    if len(b) > max_fields and _body_fields(b) > max_fields:
+        return dead_letter(msg, TOO_MANY_FIELDS)
 
     # Changes by type.
     fields: dict[str, Any] | None
@@ -159,6 +174,8 @@ def decode_salesforce(o: dict[str, Any], msg: RawMessage) -> Any:
             return dead_letter(msg, BAD_HEADER)
         if (nulled is not None or "nulledFields" in h) and not _is_str_list(nulled):
             return dead_letter(msg, BAD_HEADER)
+        if (changed or nulled) and len(changed or ()) + len(nulled or ()) > max_fields:
+            return dead_letter(msg, TOO_MANY_FIELDS)
         # Explicit loops: cheaper than comprehensions on Python 3.11.
         fields = {}
         if changed:

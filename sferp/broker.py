@@ -99,10 +99,23 @@ class EmbeddedBroker:
     stops the process, first politely (SIGINT), then with SIGKILL.
     """
 
-    def __init__(self, port: int = 0, log_path: str | None = None) -> None:
-        """Configure; nothing starts until `start()`. Port 0 picks a free port."""
+    def __init__(
+        self, port: int = 0, log_path: str | None = None, advertised: str | None = None
+    ) -> None:
+        """Configure; nothing starts until `start()`. Port 0 picks a free port.
+
+        `advertised` ("HOST:PORT") is the address the broker names in its metadata
+        instead of its own listener, for a proxy in front of it (the TLS test puts
+        a TLS-terminating proxy there); clients must then reach it through that
+        address.
+        """
         if not 0 <= port <= 65535:
             raise ValueError(f"port must be between 0 and 65535, got {port}")
+        if advertised is not None:
+            host, sep, aport = advertised.rpartition(":")
+            if not sep or not host or not aport.isdigit():
+                raise ValueError(f"advertised must be HOST:PORT, got {advertised!r}")
+        self._advertised = advertised
         self._requested_port = port
         self._port: int | None = None
         self._log_path = log_path
@@ -187,7 +200,7 @@ class EmbeddedBroker:
             "--listener-url",
             url,
             "--advertised-listener-url",
-            url,
+            f"tcp://{self._advertised}" if self._advertised else url,
             "--storage-engine",
             "memory://tansu/",
         ]

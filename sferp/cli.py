@@ -23,6 +23,9 @@ commands:
   broker     run the embedded Kafka-compatible broker in the foreground
   bench      throughput benchmarks
   plan       capacity planning from benchmark results
+  forget     erase one data subject from a stopped flow's views (GDPR erasure)
+  decrypt    like query, with encrypted fields decrypted (needs the key ring)
+  rekey      re-encrypt a stopped flow's encrypted values with the current key
 """
 
 
@@ -115,6 +118,14 @@ def _dispatch(cmd: str, rest: list[str]) -> int:
         from sferp.query import cli_query
 
         return cli_query(rest)
+    if cmd == "forget":  # docs/data-protection.md
+        from sferp.forget import cli_forget
+
+        return cli_forget(rest)
+    if cmd in ("decrypt", "rekey"):
+        from sferp.protect import cli_decrypt, cli_rekey
+
+        return cli_decrypt(rest) if cmd == "decrypt" else cli_rekey(rest)
     if cmd == "broker":
         from sferp.broker import run_foreground
 

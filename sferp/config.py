@@ -12,7 +12,15 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 ENV_PREFIX = "SFERP_"
 
@@ -34,9 +42,15 @@ class KafkaSettings(_Section):
     sasl_username: str = ""
     sasl_password: SecretStr | None = None  # environment only
     sasl_password_file: str = ""
+    # OAUTHBEARER: the token file is re-read at every authentication (rotation).
+    sasl_oauth_token: SecretStr | None = None  # environment only
+    sasl_oauth_token_file: str = ""
     ssl_cafile: str = ""
     ssl_certfile: str = ""
     ssl_keyfile: str = ""
+    ssl_password: SecretStr | None = None  # passphrase of ssl_keyfile; environment only
+    ssl_password_file: str = ""
+    ssl_check_hostname: bool = True
     start: Literal["earliest", "latest"] = "earliest"
 
     @field_validator("bootstrap")
@@ -84,6 +98,7 @@ class FlowSettings(_Section):
     handoff_sla_s: int = Field(900, ge=0)
     max_future_skew_s: int = Field(300, ge=0)
     max_message_bytes: int = Field(1_048_576, ge=1)
+    max_fields: int = Field(1000, ge=1)  # fields of one event body or row image (too_many_fields)
     snapshot_interval_s: float = Field(5, gt=0)
     batch_size: int = Field(2000, ge=1)
 
@@ -184,14 +199,55 @@ class ErpExtractSettings(_Section):
         return v
 
 
+class SecuritySettings(_Section):
+    """Field-level encryption and the audit log (docs/data-protection.md)."""
+
+    # `<entity>.<field>`: a Salesforce object or ERP table and one of its fields,
+    # or a text column of a view (`order_status.account_id`).
+    encrypt_fields: list[str] = Field(default_factory=list)
+    # Key ring `kid:<base64 of 32 bytes>[,kid:...]`: SFERP_SECURITY__ENCRYPTION_KEYS only.
+    encryption_keys: SecretStr | None = None
+    encryption_keys_file: str = ""
+    encryption_key_id: str = ""  # the key for new writes; empty: the ring's first
+    audit_log: bool = True
+    audit_retention_days: int = Field(90, ge=0)  # 0: keep forever
+
+    @field_validator("encrypt_fields")
+    @classmethod
+    def _field_names(cls, v: list[str]) -> list[str]:
+        if v:
+            from sferp.protect import check_fields_setting
+
+            check_fields_setting(v)  # ConfigError naming the setting and the entry
+        return v
+
+    @model_validator(mode="after")
+    def _key_ring(self) -> SecuritySettings:
+        # Raises ConfigError (not a ValueError: pydantic lets it through) naming the setting.
+        if not (
+            self.encrypt_fields
+            or self.encryption_keys is not None
+            or self.encryption_keys_file
+            or self.encryption_key_id
+        ):
+            return self
+        from sferp.protect import check_security
+
+        check_security(self)
+        return self
+
+
 # Settings that are secrets: they may come from the environment (or `<name>_file`),
 # never from the TOML file, which is often checked in.
 SECRETS = {
     ("kafka", "sasl_password"),
+    ("kafka", "sasl_oauth_token"),
+    ("kafka", "ssl_password"),
     ("salesforce", "consumer_secret"),
     ("salesforce", "password"),
     ("salesforce", "security_token"),
     ("salesforce", "session_id"),
+    ("security", "encryption_keys"),
 }
 
 
@@ -205,6 +261,7 @@ class Settings(_Section):
     metrics: MetricsSettings = MetricsSettings()
     salesforce: SalesforceSettings = SalesforceSettings()
     erp_extracts: ErpExtractSettings = ErpExtractSettings()
+    security: SecuritySettings = SecuritySettings()
 
     def secret(self, section: str, name: str) -> str | None:
         """The secret's value, from the environment or from its `<name>_file`."""
@@ -221,30 +278,147 @@ class Settings(_Section):
         return None
 
     def kafka_client_config(self) -> dict[str, Any]:
-        """kafka-python keyword arguments for security (TLS, SASL)."""
+        """kafka-python keyword arguments for security (TLS, SASL), for every Kafka client.
+
+        Raises ConfigError (one line naming the setting, never a secret's value)
+        for combinations that cannot work or would silently weaken security:
+        TLS files or a SASL mechanism with a protocol that does not use them,
+        missing or unreadable credentials, unloadable certificates.
+        """
         k = self.kafka
-        cfg: dict[str, Any] = {"security_protocol": k.security_protocol}
-        if k.security_protocol in ("SSL", "SASL_SSL"):
-            if k.ssl_cafile:
-                cfg["ssl_cafile"] = k.ssl_cafile
-            if k.ssl_certfile:
-                cfg["ssl_certfile"] = k.ssl_certfile
-            if k.ssl_keyfile:
-                cfg["ssl_keyfile"] = k.ssl_keyfile
-        if k.security_protocol.startswith("SASL"):
-            if not k.sasl_mechanism:
-                raise ConfigError("kafka.sasl_mechanism: required with a SASL security_protocol")
-            cfg["sasl_mechanism"] = k.sasl_mechanism
-            if k.sasl_mechanism != "OAUTHBEARER":
-                password = self.secret("kafka", "sasl_password")
-                if not k.sasl_username or password is None:
+        proto = k.security_protocol
+        tls = proto in ("SSL", "SASL_SSL")
+        sasl = proto.startswith("SASL")
+        cfg: dict[str, Any] = {"security_protocol": proto}
+        tls_settings = {
+            "ssl_cafile": k.ssl_cafile,
+            "ssl_certfile": k.ssl_certfile,
+            "ssl_keyfile": k.ssl_keyfile,
+            "ssl_password_file": k.ssl_password_file,
+        }
+        if not tls:
+            for name, value in tls_settings.items():
+                if value:
                     raise ConfigError(
-                        "kafka.sasl_username and SFERP_KAFKA__SASL_PASSWORD (or "
-                        "kafka.sasl_password_file): required for SASL " + k.sasl_mechanism
+                        f"kafka.{name}: set, but kafka.security_protocol is {proto}, which "
+                        "does not use TLS (use SSL or SASL_SSL)"
                     )
-                cfg["sasl_plain_username"] = k.sasl_username
-                cfg["sasl_plain_password"] = password
+            if k.ssl_password is not None:
+                raise ConfigError(
+                    f"SFERP_KAFKA__SSL_PASSWORD: set, but kafka.security_protocol is {proto}, "
+                    "which does not use TLS (use SSL or SASL_SSL)"
+                )
+        else:
+            cfg.update(self._kafka_tls_config())
+        if not sasl:
+            if k.sasl_mechanism:
+                raise ConfigError(
+                    f"kafka.sasl_mechanism: set to {k.sasl_mechanism}, but "
+                    f"kafka.security_protocol is {proto} (use SASL_PLAINTEXT or SASL_SSL)"
+                )
+            return cfg
+        if not k.sasl_mechanism:
+            raise ConfigError("kafka.sasl_mechanism: required with a SASL security_protocol")
+        cfg["sasl_mechanism"] = k.sasl_mechanism
+        oauth = k.sasl_oauth_token is not None or bool(k.sasl_oauth_token_file)
+        if k.sasl_mechanism == "OAUTHBEARER":
+            cfg["sasl_oauth_token_provider"] = self._kafka_token_provider()
+            if k.sasl_username:
+                raise ConfigError("kafka.sasl_username: not used with SASL OAUTHBEARER")
+            if k.sasl_password is not None or k.sasl_password_file:
+                raise ConfigError(
+                    "kafka.sasl_password: not used with SASL OAUTHBEARER "
+                    "(the token comes from kafka.sasl_oauth_token_file)"
+                )
+            return cfg
+        if oauth:
+            raise ConfigError(
+                "kafka.sasl_oauth_token_file (or SFERP_KAFKA__SASL_OAUTH_TOKEN): only used "
+                f"with sasl_mechanism OAUTHBEARER, not {k.sasl_mechanism}"
+            )
+        password = self.secret("kafka", "sasl_password")
+        if not k.sasl_username or not password:
+            raise ConfigError(
+                "kafka.sasl_username and SFERP_KAFKA__SASL_PASSWORD (or "
+                "kafka.sasl_password_file): required for SASL " + k.sasl_mechanism
+            )
+        cfg["sasl_plain_username"] = k.sasl_username
+        cfg["sasl_plain_password"] = password
         return cfg
+
+    def _kafka_tls_config(self) -> dict[str, Any]:
+        """The ssl_* settings, checked by loading them as the client will."""
+        import ssl
+
+        k = self.kafka
+        cfg: dict[str, Any] = {"ssl_check_hostname": k.ssl_check_hostname}
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            path = getattr(k, name)
+            if not path:
+                continue
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as e:
+                raise ConfigError(f"kafka.{name}: cannot read {path}: {e.strerror}") from None
+            cfg[name] = path
+        if k.ssl_keyfile and not k.ssl_certfile:
+            raise ConfigError("kafka.ssl_keyfile: set without kafka.ssl_certfile")
+        password = self.secret("kafka", "ssl_password")
+        if password is not None and not k.ssl_keyfile and not k.ssl_certfile:
+            raise ConfigError(
+                "kafka.ssl_password_file (or SFERP_KAFKA__SSL_PASSWORD): set without "
+                "kafka.ssl_certfile / kafka.ssl_keyfile"
+            )
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        if k.ssl_cafile:
+            try:
+                ctx.load_verify_locations(cafile=k.ssl_cafile)
+            except (ssl.SSLError, ValueError) as e:
+                raise ConfigError(
+                    f"kafka.ssl_cafile: {k.ssl_cafile} holds no usable PEM certificate "
+                    f"({getattr(e, 'reason', None) or type(e).__name__})"
+                ) from None
+        if k.ssl_certfile:
+            try:
+                # A callable, never None: OpenSSL would prompt on the terminal for the
+                # passphrase of an encrypted key.
+                ctx.load_cert_chain(k.ssl_certfile, k.ssl_keyfile or None, lambda: password or "")
+            except (ssl.SSLError, ValueError, OSError) as e:
+                # The ssl module's messages name no secret; keep only its reason code.
+                raise ConfigError(
+                    "kafka.ssl_certfile: cannot load the client certificate and key "
+                    f"({getattr(e, 'reason', None) or type(e).__name__}; wrong "
+                    "ssl_keyfile or ssl_password?)"
+                ) from None
+        if password is not None:
+            cfg["ssl_password"] = password
+        return cfg
+
+    def _kafka_token_provider(self) -> Any:
+        """The OAUTHBEARER token provider: from the token file, else the environment."""
+        from sferp.kafka_auth import FileTokenProvider, StaticTokenProvider, TokenUnavailable
+
+        k = self.kafka
+        if k.sasl_oauth_token is not None and k.sasl_oauth_token_file:
+            raise ConfigError(
+                "kafka.sasl_oauth_token_file: set together with SFERP_KAFKA__SASL_OAUTH_TOKEN; "
+                "give one"
+            )
+        if k.sasl_oauth_token_file:
+            provider = FileTokenProvider(k.sasl_oauth_token_file)
+            try:
+                provider.token()  # readable and not empty now; re-read at each login
+            except TokenUnavailable as e:
+                raise ConfigError(str(e)) from None
+            return provider
+        token = k.sasl_oauth_token.get_secret_value() if k.sasl_oauth_token else ""
+        if not token.strip():
+            raise ConfigError(
+                "kafka.sasl_oauth_token_file (or SFERP_KAFKA__SASL_OAUTH_TOKEN): required "
+                "for SASL OAUTHBEARER"
+            )
+        return StaticTokenProvider(token.strip())
 
     def redacted(self) -> dict[str, Any]:
         """The settings as a dict, secrets replaced by '***' (safe to log)."""

@@ -109,6 +109,7 @@ class ReferenceConfig:
     allowed_lateness_s: int = 30
     handoff_sla_s: int = 900
     max_message_bytes: int = 1048576
+    max_fields: int = 1000
 
     @classmethod
     def default(cls) -> ReferenceConfig:
@@ -320,7 +321,7 @@ def _is_number(value: Any) -> bool:
     return False
 
 
-def _decode_sf(obj: dict, msg: RawMessage) -> list[Change] | Ignored:
+def _decode_sf(obj: dict, msg: RawMessage, max_fields: int) -> list[Change] | Ignored:
     payload = obj.get("payload")
     if type(payload) is dict:
         body = payload
@@ -356,6 +357,8 @@ def _decode_sf(obj: dict, msg: RawMessage) -> list[Change] | Ignored:
 
     op = SF_CHANGE_TYPES[change_type]
     body_fields = {k: v for k, v in body.items() if k not in SF_METADATA}
+    if len(body_fields) > max_fields:
+        raise _Dead("too_many_fields")
     changes: dict[str, Any] | None
     if op in (CREATE, UNDELETE):
         changes = dict(body_fields)
@@ -368,6 +371,8 @@ def _decode_sf(obj: dict, msg: RawMessage) -> list[Change] | Ignored:
             "nulledFields" in header and not _is_str_list(nulled)
         ):
             raise _Dead("bad_header")
+        if len(changed or []) + len(nulled or []) > max_fields:
+            raise _Dead("too_many_fields")
         if changed:
             changes = {name: body_fields.get(name) for name in changed + (nulled or [])}
         else:
@@ -459,7 +464,7 @@ def _compact_json(obj: dict) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def _decode_erp(obj: dict, msg: RawMessage, table: str) -> list[Change] | Ignored:
+def _decode_erp(obj: dict, msg: RawMessage, table: str, max_fields: int) -> list[Change] | Ignored:
     if type(obj.get("payload")) is dict and "schema" in obj:
         envelope, schema = obj["payload"], obj["schema"]
     else:
@@ -483,6 +488,8 @@ def _decode_erp(obj: dict, msg: RawMessage, table: str) -> list[Change] | Ignore
     image = envelope.get(image_name)
     if type(image) is not dict:
         raise _Dead("bad_envelope")
+    if len(image) > max_fields:
+        raise _Dead("too_many_fields")
 
     primary_key: dict[str, Any] = {}
     message_key: dict | None = None
@@ -550,8 +557,8 @@ def decode(msg: RawMessage, config: ReferenceConfig) -> list[Change] | DeadLette
         if type(obj) is not dict:
             raise _Dead("not_an_object")
         if kind == SALESFORCE:
-            return _decode_sf(obj, msg)
-        return _decode_erp(obj, msg, kind)
+            return _decode_sf(obj, msg, config.max_fields)
+        return _decode_erp(obj, msg, kind, config.max_fields)
     except _Dead as dead:
         return DeadLetter(msg.topic, msg.partition, msg.offset, dead.reason, _raw_text(value))
 

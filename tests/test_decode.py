@@ -1050,6 +1050,7 @@ def test_every_reason_code_is_reachable():
         reason(SF, wrapped(header(changedFields=["TotalAmount"]), TotalAmount="x")),
         reason(INV, {"op": 1}),
         reason(INV, envelope(after={})),
+        reason(SF, bare(header(), **{f"F{i}__c": i for i in range(1001)})),
     }
     assert seen == REASONS
 

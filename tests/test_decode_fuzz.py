@@ -6,24 +6,42 @@ order and coordinates, produces well-formed Changes, and agrees with the
 independent reference model (`sferp.reference.decode`) on every message the
 two are meant to agree on.
 
-`SFERP_FUZZ_EXAMPLES=N` raises the number of examples per test (default 150).
+Also: the limits of docs/semantics.md §1 (size, depth, field count) at their
+edges, a bulk mutation fuzzer over the generator's traffic (every Salesforce
+form, both Debezium envelopes, Kafka keys, tombstones), and memory that stays
+bounded on hostile input.
+
+`SFERP_FUZZ_EXAMPLES=N` sets the number of examples per hypothesis test (default
+300) and `SFERP_FUZZ_MESSAGES=N` the number of messages of the bulk fuzzer
+(default 20,000); `make fuzz` raises both. The number of messages decoded is
+printed at the end of the module (`pytest -s`).
 """
 
 from __future__ import annotations
 
 import base64
 import copy
+import gc
 import json
 import os
+import random
+import re
 import string
+import time
+import tracemalloc
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sferp.operators.decode import DecodeConfig, decode_batch
-from sferp.operators.decode_common import REASONS, raw_text
+from sferp.operators.decode_common import REASONS, TOO_MANY_FIELDS, raw_text
 from sferp.operators.decode_erp import NUMERIC_COLUMNS, PRIMARY_KEYS
-from sferp.operators.decode_salesforce import ENTITY_FIELDS, NUMERIC_FIELDS, REFERENCE_FIELDS
+from sferp.operators.decode_salesforce import (
+    ENTITY_FIELDS,
+    NUMERIC_FIELDS,
+    REFERENCE_FIELDS,
+)
 
 from sferp import reference
 from sferp.events import (
@@ -41,7 +59,8 @@ from sferp.events import (
     RawMessage,
 )
 
-EXAMPLES = int(os.environ.get("SFERP_FUZZ_EXAMPLES", "150"))
+EXAMPLES = int(os.environ.get("SFERP_FUZZ_EXAMPLES", "300"))
+BULK_MESSAGES = int(os.environ.get("SFERP_FUZZ_MESSAGES", "20000"))
 FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=None,
@@ -276,7 +295,22 @@ garbled = valid_messages.flatmap(
 any_message = valid_messages | mutated_messages() | random_bytes | random_json | garbled
 
 
+DECODED = {"messages": 0, "examples": 0}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report_counts():
+    started = time.monotonic()
+    yield
+    print(
+        f"\ndecoder fuzz: {DECODED['messages']:,} messages in {DECODED['examples']:,} "
+        f"batches, {time.monotonic() - started:.1f} s"
+    )
+
+
 def as_raw(batch: list[tuple[str, bytes | None, bytes | None]]) -> list[RawMessage]:
+    DECODED["messages"] += len(batch)
+    DECODED["examples"] += 1
     return [
         RawMessage(topic, i % 3, 1000 + i, key, value, -1)
         for i, (topic, key, value) in enumerate(batch)
@@ -352,7 +386,9 @@ def _lone_surrogate_escape(value: bytes | None) -> bool:
         json.dumps(json.loads(value or b""), ensure_ascii=False).encode()
     except UnicodeEncodeError:
         return True
-    except (ValueError, RecursionError):
+    except RecursionError:  # too deep to parse here: any surrogate escape in the text
+        return re.search(rb"\\u[dD][89a-fA-F]", value or b"") is not None
+    except ValueError:
         return False
     return False
 
@@ -440,3 +476,395 @@ def test_base64_decimals_match_plain_notation(unscaled, scale):
     )
     [ch] = decode_batch([msg], CFG)
     assert ch.fields["list_price"] == text
+
+
+# --- the field-count limit -------------------------------------------------------------------
+
+SF_METADATA = {"ChangeEventHeader", "Id", "ReplayId", "replayId", "_ObjectType", "_EventType"}
+NARROW = 8
+CFG_NARROW = DecodeConfig(topics=ROLES, max_message_bytes=4096, max_fields=NARROW)
+
+
+def width(msg: RawMessage) -> int:
+    """What the field limit counts (docs/semantics.md §1), worked out here from the JSON."""
+    o = json.loads(msg.value or b"")
+    if ROLES[msg.topic] == "salesforce":
+        b = o["payload"] if type(o.get("payload")) is dict else o
+        n = sum(1 for k in b if k not in SF_METADATA)
+        h = b.get("ChangeEventHeader")
+        if type(h) is dict and h.get("changeType") == "UPDATE":
+            lists = [h.get("changedFields"), h.get("nulledFields")]
+            if all(x is None or type(x) is list for x in lists):
+                n = max(n, sum(len(x or ()) for x in lists))
+        return n
+    e = o["payload"] if type(o.get("payload")) is dict and "schema" in o else o
+    image = e.get("before") if e.get("op") == "d" else e.get("after")
+    return len(image) if type(image) is dict else 0
+
+
+def _groups(out: list) -> list[list]:
+    groups: list[list] = []
+    for o in out:
+        if type(o) is Change and not o.primary:
+            groups[-1].append(o)
+        else:
+            groups.append([o])
+    return groups
+
+
+def check_with_limit(msgs: list[RawMessage], out: list, limit: int, ref_cfg: Any) -> None:
+    """Agreement with the reference model, which has no field limit: where the decoder says
+    `too_many_fields`, the message is too wide and the reference finds nothing wrong before
+    the limit's step; where the reference applies a message, it is within the limit."""
+    for msg, mine in zip(msgs, _groups(out), strict=True):
+        r = reference.decode(msg, ref_cfg)
+        expected = r if isinstance(r, list) else [r]
+        first = expected[0]
+        if type(mine[0]) is DeadLetter and mine[0].reason == TOO_MANY_FIELDS:
+            assert width(msg) > limit, msg
+            if ROLES[msg.topic] == "salesforce":
+                later = {"bad_number", "bad_header"}
+            else:
+                later = {"missing_primary_key", "bad_number"}
+            assert type(first) is Change or (type(first) is DeadLetter and first.reason in later), (
+                msg,
+                first,
+            )
+            if type(first) is DeadLetter and first.reason == "bad_header":
+                assert b'"UPDATE"' in (msg.value or b""), msg  # only UPDATE lists come later
+            continue
+        if type(first) is Change:
+            assert width(msg) <= limit, ("applied although too wide", msg)
+        if mine != expected and _lone_surrogate_escape(msg.value):
+            assert type(mine[0]) is DeadLetter and mine[0].reason == "not_json"
+            continue
+        assert mine == expected, msg
+
+
+@st.composite
+def wide_messages(draw: Any) -> tuple[str, bytes | None, bytes]:
+    """Valid-looking messages with a few fields more or less than NARROW."""
+    extra = {f"X{i}__c": draw(json_scalars) for i in range(draw(st.integers(0, NARROW + 4)))}
+    if draw(st.booleans()):
+        doc = draw(sf_documents())
+        body = doc["payload"] if "payload" in doc else doc
+        body.update(extra)
+        header = body["ChangeEventHeader"]
+        if header["changeType"] == "UPDATE" and draw(st.booleans()):
+            names = [f"X{i}__c" for i in range(draw(st.integers(0, NARROW + 3)))]
+            header["changedFields"] = names
+            header["nulledFields"] = draw(st.lists(st.sampled_from(["A", "B"]), max_size=4))
+        return SF, None, encode(doc)
+    table, key, env = draw(erp_documents())
+    e = env["payload"] if "schema" in env else env
+    image = e["before"] if e["op"] == "d" else e["after"]
+    if type(image) is dict:
+        image.update(extra)
+    return ERP_TOPICS[table], None if key is None else encode(key), encode(env)
+
+
+@FUZZ
+@given(st.lists(wide_messages() | mutated_messages(keep_schema=True), min_size=1, max_size=8))
+def test_field_limit_is_enforced_exactly(batch):
+    msgs = as_raw(batch)
+    out = decode_batch(msgs, CFG_NARROW)
+    check_batch(msgs, out)
+    check_with_limit(msgs, out, NARROW, REF_CFG)
+
+
+# --- size and depth at their edges -----------------------------------------------------------
+
+
+@st.composite
+def edge_messages(draw: Any) -> tuple[str, bytes | None, bytes]:
+    """A valid message padded to within a few bytes of the size limit, or nested around the
+    depth limit (64) or around the parsers' recursion limits (about 1,000)."""
+    topic, key, value = draw(valid_messages)
+    doc = json.loads(value)
+    target = doc.get("payload") if type(doc.get("payload")) is dict else doc
+    if draw(st.booleans()):
+        target["Pad__c"] = ""
+        room = 4096 + draw(st.integers(-3, 3)) - len(encode(doc))
+        target["Pad__c"] = "x" * max(0, room)
+    else:
+        depth = draw(st.integers(58, 68) | st.integers(990, 1100))
+        leaf = draw(json_scalars)
+        nested: Any = leaf
+        for i in range(depth):
+            nested = [nested] if i % 3 else {"k": nested}
+        target["Deep__c"] = nested
+    value = encode(doc)
+    if draw(st.integers(0, 4)) == 0:
+        value = draw(byte_mutations(value))
+    return topic, key, value
+
+
+@FUZZ
+@given(st.lists(edge_messages(), min_size=1, max_size=4))
+def test_size_and_depth_limits_at_their_edges(batch):
+    msgs = as_raw(batch)
+    out = decode_batch(msgs, CFG)
+    check_batch(msgs, out)
+    check_against_reference(msgs, out)
+
+
+# --- bulk mutation fuzzing of the generator's traffic ---------------------------------------
+
+BULK_BYTES = 8192
+BULK_LIMIT = 40
+BULK_CFG = DecodeConfig(topics=ROLES, max_message_bytes=BULK_BYTES, max_fields=BULK_LIMIT)
+BULK_REF = reference.ReferenceConfig(topics=ROLES, max_message_bytes=BULK_BYTES)
+SPECIAL: list[Any] = [
+    None,
+    True,
+    False,
+    0,
+    -1,
+    2**64,
+    -(2**70),
+    10**400,
+    1e308,
+    -0.0,
+    0.1,
+    "",
+    "x" * 300,
+    "12.50",
+    "1e999",
+    "NaN",
+    "\ud800",
+    [],
+    {},
+    [[[]]],
+    {"a": {"b": [None]}},
+    "801000000000001",
+    "801000000000001AAA",
+    "SKU-1",
+]
+
+
+NEST = "\x00nest\x00"
+NEST_JSON = json.dumps(NEST).encode()
+
+
+def _bulk_seeds() -> list[RawMessage]:
+    from sferp.demo import generated_messages
+    from sferp.generator import GeneratorConfig
+
+    cfg = GeneratorConfig(orders=40, duplicates=0.05, disorder=0.2, bad=0.05, seed=11)
+    seeds = [m for m in generated_messages(cfg) if m.topic in ROLES]
+    assert {m.topic for m in seeds} == set(ROLES)
+    return seeds
+
+
+def _dict_nodes(node: Any, path: tuple = ()) -> list[tuple]:
+    out = []
+    if type(node) is dict:
+        out.append(path)
+        for k, v in node.items():
+            if path or k != "schema":
+                out.extend(_dict_nodes(v, (*path, k)))
+    elif type(node) is list:
+        for i, v in enumerate(node):
+            out.extend(_dict_nodes(v, (*path, i)))
+    return out
+
+
+def _at(doc: Any, path: tuple) -> Any:
+    for step in path:
+        doc = doc[step]
+    return doc
+
+
+def _mutate_doc(rng: random.Random, doc: Any) -> Any:
+    """One structural edit anywhere but in the Debezium schema."""
+    paths = [p for p in _paths(doc) if p[:1] != ("schema",)]
+    path = rng.choice(paths)
+    op = rng.randrange(9)
+    if not path:
+        return copy.deepcopy(rng.choice(SPECIAL)) if op == 0 else doc
+    parent, last = _at(doc, path[:-1]), path[-1]
+    if op == 0:
+        parent[last] = copy.deepcopy(rng.choice(SPECIAL))
+    elif op == 1:
+        del parent[last]
+    elif op == 2:
+        parent[last] = [parent[last]]
+    elif op == 3:
+        parent[last] = json.dumps(parent[last])
+    elif op == 4:
+        parent[last] = None
+    elif op == 5 and type(parent) is dict:  # rename the key
+        parent[rng.choice(["Id", "payload", "schema", "op", "after", "x"])] = parent.pop(last)
+    elif op == 6:  # widen a container to around the field limit
+        node = _at(doc, rng.choice(_dict_nodes(doc) or [()]))
+        if type(node) is dict:
+            for i in range(BULK_LIMIT - len(node) + rng.randint(-2, 3)):
+                node[f"W{i}"] = rng.choice(SPECIAL[:16])
+    elif op == 7:  # long update lists
+        header = _at(doc, path[:-1])
+        if type(header) is dict:
+            header["changedFields"] = [f"F{i}" for i in range(BULK_LIMIT + rng.randint(-3, 3))]
+    else:  # nested deeply: the placeholder becomes nested arrays once encoded
+        parent[last] = NEST
+    return doc
+
+
+def _mutate_bytes(rng: random.Random, data: bytes, other: bytes) -> bytes:
+    b = bytearray(data)
+    for _ in range(rng.randint(1, 3)):
+        pos = rng.randrange(len(b) + 1)
+        op = rng.randrange(7)
+        if op == 0 and b:
+            b[min(pos, len(b) - 1)] ^= 1 << rng.randrange(8)
+        elif op == 1:
+            b[pos:pos] = rng.choice([b"\xff", b"\xef\xbb\xbf", b"\\ud800", b"{", b"]", b'"', b","])
+        elif op == 2:
+            del b[pos : pos + rng.randint(1, 8)]
+        elif op == 3:
+            del b[pos:]
+        elif op == 4:  # splice with another message
+            b[pos:] = other[rng.randrange(len(other) + 1) :]
+        elif op == 5:  # a duplicate key
+            b[1:1] = b'"op":"x","payload":null,'
+        else:
+            b[pos:pos] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 4)))
+    return bytes(b)
+
+
+def _mutate_key(rng: random.Random, key: bytes | None) -> bytes | None:
+    return rng.choice(
+        [
+            None,
+            b"",
+            b"garbage",
+            b'{"sku": null, "warehouse": 1.5, "order_no": true}',
+            b'{"schema": {}, "payload": {"sku": "SKU-9", "warehouse": "W", "order_no": 7}}',
+            b"[" * 70 + b"]" * 70,
+            b'{"sku": ' + b"9" * 30 + b"}",
+            key,
+        ]
+    )
+
+
+def bulk_mutations(seeds: list[RawMessage], n: int, seed: int) -> list[RawMessage]:
+    """`n` messages: the seeds, mutated in structure, bytes, key, or size, and tombstones."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        m = rng.choice(seeds)
+        key, value = m.key, m.value
+        r = rng.random()
+        if r < 0.03:
+            value = None
+        elif r < 0.45 and value is not None:
+            try:
+                doc = json.loads(value)
+            except (ValueError, RecursionError):
+                doc = None
+            if doc is not None:
+                for _ in range(rng.randint(1, 3)):
+                    doc = _mutate_doc(rng, doc)
+                value = json.dumps(doc, ensure_ascii=rng.random() < 0.5, allow_nan=True).encode(
+                    "utf-8", "surrogatepass"
+                )
+                depth = rng.choice([rng.randint(60, 66), rng.randint(990, 1100)])
+                value = value.replace(NEST_JSON, b"[" * depth + b"0" + b"]" * depth)
+        elif r < 0.8 and value is not None:
+            value = _mutate_bytes(rng, value, rng.choice(seeds).value or b"")
+        elif r < 0.9:
+            key = _mutate_key(rng, key)
+        elif value is not None:  # right at the size limit
+            value = value + b" " * max(0, BULK_BYTES - len(value) + rng.randint(-2, 2))
+        out.append(RawMessage(m.topic, m.partition, i, key, value, -1))
+    return out
+
+
+def test_bulk_mutations_of_generated_traffic():
+    seeds = _bulk_seeds()
+    seed = int(os.environ.get("SFERP_FUZZ_SEED", "0")) or random.randrange(1, 2**31)
+    msgs = bulk_mutations(seeds, BULK_MESSAGES, seed)
+    DECODED["messages"] += len(msgs)
+    reasons: set[str] = set()
+    for i in range(0, len(msgs), 64):
+        batch = msgs[i : i + 64]
+        out = decode_batch(batch, BULK_CFG)
+        try:
+            check_batch(batch, out)
+            check_with_limit(batch, out, BULK_LIMIT, BULK_REF)
+        except AssertionError as exc:
+            raise AssertionError(
+                f"bulk fuzz failed; reproduce with SFERP_FUZZ_SEED={seed}"
+            ) from exc
+        reasons |= {o.reason for o in out if type(o) is DeadLetter}
+    if BULK_MESSAGES >= 5000:  # the mutations reach every limit and most reasons
+        assert {"too_large", "too_deep", "too_many_fields", "not_json", "bad_header"} <= reasons
+
+
+# --- memory ----------------------------------------------------------------------------------
+
+MIB = 1 << 20
+_HEADER = {
+    "entityName": "Order",
+    "recordIds": ["801000000000001AAA"],
+    "changeType": "CREATE",
+    "transactionKey": "t",
+    "sequenceNumber": 1,
+    "commitTimestamp": 1,
+    "commitNumber": 1,
+}
+
+
+def _fit(prefix: bytes, unit: bytes, suffix: bytes = b"", size: int = MIB) -> bytes:
+    return prefix + unit * ((size - len(prefix) - len(suffix)) // len(unit)) + suffix
+
+
+HOSTILE = {
+    "open brackets": _fit(b"", b"["),
+    "open objects": _fit(b"", b'{"a":'),
+    "wide object": json.dumps({"ChangeEventHeader": _HEADER})[:-1].encode()
+    + b"".join(b',"k%07d":0' % i for i in range((MIB - 300) // 13))
+    + b"}",
+    "huge changedFields": _fit(
+        json.dumps({"ChangeEventHeader": {**_HEADER, "changeType": "UPDATE"}})[:-2].encode()
+        + b',"changedFields":["Status"',
+        b',"Status"',
+        b"]}}",
+    ),
+    "1 MB string": _fit(
+        json.dumps({"ChangeEventHeader": _HEADER})[:-1].encode() + b',"D":"', b"x", b'"}'
+    ),
+}
+
+
+def _peak(msgs: list[RawMessage], cfg: DecodeConfig) -> tuple[int, list]:
+    gc.collect()
+    tracemalloc.start()
+    try:
+        out = decode_batch(msgs, cfg)
+        return tracemalloc.get_traced_memory()[1], out
+    finally:
+        tracemalloc.stop()
+
+
+def test_memory_is_bounded_on_hostile_input():
+    """One hostile 1 MiB message costs a bounded multiple of its size while it is decoded;
+    a batch of them does not add up (a dead letter keeps 64 KiB of raw text, no more)."""
+    cfg = DecodeConfig(topics=ROLES)
+    peaks = {}
+    for name, value in HOSTILE.items():
+        assert len(value) <= MIB, name
+        peak, [o] = _peak([RawMessage(SF, 0, 0, None, value, -1)], cfg)
+        peaks[name] = peak
+        assert peak < 32 * MIB, (name, peak)
+        if name != "1 MB string":
+            assert type(o) is DeadLetter, (name, o)
+    batch = [RawMessage(SF, 0, i, None, HOSTILE["wide object"], -1) for i in range(10)]
+    peak_2, _ = _peak(batch[:2], cfg)
+    peak_10, out = _peak(batch, cfg)
+    assert [o.reason for o in out] == ["too_many_fields"] * 10
+    # the previous message's parse is freed while the next one is parsed: at most two at once
+    assert peak_2 < 2.5 * peaks["wide object"], (peak_2, peaks)
+    assert peak_10 < peak_2 + 8 * 2 * RAW_TEXT_BYTES, (peak_10, peak_2)
+
+
+RAW_TEXT_BYTES = 65_536 + 100  # a dead letter's raw text (ASCII), with its str header
