@@ -18,6 +18,8 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
+from kafka.partitioner.default import murmur2
+from sferp.connectors.kafka_records import install as install_fast_reader
 
 from sferp.events import RawMessage
 
@@ -38,6 +40,7 @@ _CONNECT_TIMEOUT_MS = 5_000
 _OFFSETS_TIMEOUT_MS = 10_000
 _METADATA_TIMEOUT_MS = 10_000
 _IDLE_BACKOFF_MAX = timedelta(milliseconds=50)
+_PARTITION_CACHE = 200_000  # keys per topic whose partition is remembered
 
 # Next offset to read of every partition read in this process, for progress
 # and lag reporting. One dict store per fetched batch.
@@ -212,10 +215,13 @@ class _KafkaPartition(StatefulSourcePartition[list[RawMessage], int]):
                 f"{self._offset}: {exc}"
             ) from exc
         if records:
-            topic, part = self._key
-            batch = [
-                RawMessage(topic, part, r.offset, r.key, r.value, r.timestamp) for r in records
-            ]
+            if type(records[0]) is RawMessage:  # connectors/kafka_records.py
+                batch = records
+            else:
+                topic, part = self._key
+                batch = [
+                    RawMessage(topic, part, r.offset, r.key, r.value, r.timestamp) for r in records
+                ]
             self._offset = records[-1].offset + 1
             _POSITIONS[self._key] = self._offset
             self._awake = None
@@ -351,6 +357,7 @@ class KafkaSource(FixedPartitionedSource[list[RawMessage], int]):
             fetch_max_bytes=max(fetch_bytes, 50 << 20),
             fetch_max_wait_ms=200,
         )
+        install_fast_reader(consumer)  # RawMessages straight from v2 batches
         try:
             consumer.assign([tp])
             end = None
@@ -375,6 +382,8 @@ class KafkaSource(FixedPartitionedSource[list[RawMessage], int]):
 
 
 class _KafkaSinkPartition(StatelessSinkPartition[SinkItem]):
+    """One producer. `send` is asynchronous; `flush` waits for and checks every delivery."""
+
     def __init__(self, producer: KafkaProducer, bootstrap: str) -> None:
         self._producer = producer
         self._bootstrap = bootstrap
@@ -384,26 +393,71 @@ class _KafkaSinkPartition(StatelessSinkPartition[SinkItem]):
         self._flush_timeout_s = (
             config.get("delivery_timeout_ms", 120_000) + config.get("request_timeout_ms", 30_000)
         ) / 1000 + 1.0
+        self._sent = 0
+        self._failed: list[tuple[str, BaseException]] = []
+        # Partition of each key of a topic, computed as kafka-python's (and the
+        # Java client's) default partitioner does; views keys repeat, murmur2 is slow.
+        self._partitions: dict[str, tuple[list[int], dict[bytes, int]]] = {}
 
-    def write_batch(self, items: list[SinkItem]) -> None:
+    def _partition(self, topic: str, key: bytes | None) -> int | None:
+        if key is None:
+            return None
+        known = self._partitions.get(topic)
+        if known is None:
+            parts = self._producer.partitions_for(topic)
+            if not parts:
+                return None  # unknown topic: let send() report it
+            known = self._partitions[topic] = (sorted(parts), {})
+        ordered, cache = known
+        p = cache.get(key)
+        if p is None:
+            if len(cache) >= _PARTITION_CACHE:
+                cache.clear()
+            p = cache[key] = ordered[(murmur2(key) & 0x7FFFFFFF) % len(ordered)]
+        return p
+
+    def send(self, items: Iterable[SinkItem]) -> None:
+        """Hand items to the producer without waiting; raise if an earlier delivery failed."""
+        self._raise_failed()
         send = self._producer.send
-        futures = []
+        partition = self._partition
+        failed = self._failed
+        n = 0
         try:
             for topic, key, value in items:
-                futures.append((topic, send(topic, key=key, value=value)))
+                fut = send(topic, key=key, value=value, partition=partition(topic, key))
+                fut.add_errback(lambda exc, t=topic: failed.append((t, exc)))
+                n += 1
+        except KafkaError as exc:
+            raise KafkaConnectorError(f"cannot write to Kafka at {self._bootstrap}: {exc}") from exc
+        self._sent += n
+
+    def flush(self) -> None:
+        """Wait until everything sent so far is delivered; raise if anything was not."""
+        if not self._sent:
+            return
+        try:
             self._producer.flush(timeout=self._flush_timeout_s)
         except KafkaError as exc:
             raise KafkaConnectorError(f"cannot write to Kafka at {self._bootstrap}: {exc}") from exc
-        failed = [(topic, f.exception) for topic, f in futures if not f.succeeded()]
-        if failed:
-            topic, exc = failed[0]
+        self._raise_failed()
+        self._sent = 0
+
+    def _raise_failed(self) -> None:
+        if self._failed:
+            topic, exc = self._failed[0]
             raise KafkaConnectorError(
-                f"{len(failed)} of {len(futures)} messages not delivered to Kafka at "
+                f"{len(self._failed)} messages not delivered to Kafka at "
                 f"{self._bootstrap}; first: topic {topic!r}: {exc}"
             )
 
+    def write_batch(self, items: list[SinkItem]) -> None:
+        self.send(items)
+        self.flush()
+
     def close(self) -> None:
         try:
+            self.flush()
             self._producer.close(timeout=self._flush_timeout_s)
         except KafkaError as exc:
             raise KafkaConnectorError(
