@@ -290,7 +290,7 @@ class KafkaSource(FixedPartitionedSource[list[RawMessage], int]):
         *,
         start: str = "earliest",
         bounded: bool = False,
-        batch_size: int = 2000,
+        batch_size: int = 8000,
         client_config: dict[str, Any] | None = None,
         stop_event: threading.Event | None = None,
     ) -> None:
@@ -346,8 +346,8 @@ class KafkaSource(FixedPartitionedSource[list[RawMessage], int]):
                 f"the configured topics {self._topics}"
             )
         tp = TopicPartition(topic, int(part))
-        # A fetch brings up to ~4 batches per partition: few round trips, bounded memory.
-        fetch_bytes = max(1 << 20, min(self._batch_size * 2048, 16 << 20))
+        # About one batch of typical (~1 KB) messages per fetch: few round trips, bounded memory.
+        fetch_bytes = max(1 << 20, min(self._batch_size * 1024, 8 << 20))
         consumer = _open_consumer(
             self._bootstrap,
             self._client_config,

@@ -43,6 +43,7 @@ from .facts import (
     ProductFact,
 )
 from .routing import GLOBAL, ORDERS, PRODUCTS, SKUS, shard
+from .slots import compact_pickle
 
 # Stats vector positions, shared with the coordinator.
 CONSUMED, APPLIED, DUPLICATES, LATE, DEAD, IGNORED = range(6)
@@ -50,6 +51,7 @@ CONSUMED, APPLIED, DUPLICATES, LATE, DEAD, IGNORED = range(6)
 _SORTED = orjson.OPT_SORT_KEYS
 
 
+@compact_pickle
 class SfRecord:
     """Merged state of one Salesforce record.
 
@@ -135,6 +137,7 @@ class SfRecord:
             self.stamps = None
 
 
+@compact_pickle
 class ErpRecord:
     """Merged state of one ERP row: the image with the highest lsn wins."""
 

@@ -85,7 +85,7 @@ class FlowSettings(_Section):
     max_future_skew_s: int = Field(300, ge=0)
     max_message_bytes: int = Field(1_048_576, ge=1)
     snapshot_interval_s: float = Field(5, gt=0)
-    batch_size: int = Field(2000, ge=1)
+    batch_size: int = Field(8000, ge=1)
 
 
 class ViewSettings(_Section):

@@ -104,3 +104,18 @@ def test_sfrecord_unpacked_restores_per_field_stamps():
     fields, stamps = rec.unpacked()
     assert fields == {"Name": "n", "Status": "Draft"}
     assert set(stamps) == {"Name", "Status"} and stamps["Name"] is rec.base
+
+
+def test_state_objects_pickle_as_tuples_and_still_load_the_old_form():
+    m = Merger(MergeState(0), 0)
+    _rows(m, _sf(CREATE, 10, 1, Status="Draft"), _erp(5, qty_on_hand=3))
+    rec = m.state.records[("salesforce", "Order", OID)]
+    assert type(rec.__getstate__()) is tuple
+    # The default form of a __slots__ object, as snapshots written before held it.
+    old = (None, {n: getattr(rec, n) for n in SfRecord.__slots__})
+    fresh = SfRecord.__new__(SfRecord)
+    fresh.__setstate__(old)
+    assert fresh.__getstate__() == rec.__getstate__()
+    back = pickle.loads(pickle.dumps(m.state, protocol=pickle.HIGHEST_PROTOCOL))
+    for key, r in m.state.records.items():
+        assert back.records[key].__getstate__() == r.__getstate__()
