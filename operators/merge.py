@@ -91,11 +91,15 @@ class SfRecord:
         stamp = (ch.order, ch.identity)
         if ch.fields:
             fields, stamps = self.unpacked()
-            for name, value in ch.fields.items():
-                old = stamps.get(name)
-                if old is None or stamp > old:
-                    fields[name] = value
-                    stamps[name] = stamp
+            if self.top is None or stamp > self.top:  # newer than every field: all win
+                fields.update(ch.fields)
+                stamps.update(dict.fromkeys(ch.fields, stamp))
+            else:
+                for name, value in ch.fields.items():
+                    old = stamps.get(name)
+                    if old is None or stamp > old:
+                        fields[name] = value
+                        stamps[name] = stamp
             if ch.fields.get("Status") == "Activated" and (
                 self.activated_at is None or ch.event_time < self.activated_at
             ):
