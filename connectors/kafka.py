@@ -457,12 +457,14 @@ class _KafkaSinkPartition(StatelessSinkPartition[SinkItem]):
 
     def close(self) -> None:
         try:
-            self.flush()
-            self._producer.close(timeout=self._flush_timeout_s)
-        except KafkaError as exc:
-            raise KafkaConnectorError(
-                f"cannot flush the producer for Kafka at {self._bootstrap} on close: {exc}"
-            ) from exc
+            self.flush()  # raises for anything not delivered
+        finally:
+            try:
+                self._producer.close(timeout=self._flush_timeout_s)
+            except KafkaError as exc:
+                raise KafkaConnectorError(
+                    f"cannot flush the producer for Kafka at {self._bootstrap} on close: {exc}"
+                ) from exc
 
 
 class KafkaSink(DynamicSink[SinkItem]):
@@ -481,6 +483,7 @@ class KafkaSink(DynamicSink[SinkItem]):
         *,
         client_config: dict[str, Any] | None = None,
         producer_config: dict[str, Any] | None = None,
+        own_process: bool = False,
     ) -> None:
         """Validate and store settings; the producer is created per worker in `build`.
 
@@ -489,6 +492,9 @@ class KafkaSink(DynamicSink[SinkItem]):
             the source (security_protocol, sasl_*, ssl_*).
         :arg producer_config: producer settings that override ours (acks,
             linger_ms, compression_type, delivery_timeout_ms...).
+        :arg own_process: run the producer in a child process
+            (`kafka_producer_proc`): for outputs busy enough that kafka-python's
+            per-record cost would hold the worker's GIL.
         """
         if not bootstrap:
             raise ValueError("bootstrap must name at least one broker")
@@ -496,9 +502,10 @@ class KafkaSink(DynamicSink[SinkItem]):
         self._bootstrap = bootstrap
         self._client_config = _check_settings(client_config or {}, known, "producer")
         self._producer_config = _check_settings(producer_config or {}, known, "producer")
+        self._own_process = own_process
 
-    def build(self, step_id: str, worker_index: int, worker_count: int) -> _KafkaSinkPartition:
-        """Create this worker's producer."""
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> Any:
+        """Create this worker's producer (a `_KafkaSinkPartition` or a `ProducerProcess`)."""
         known = KafkaProducer.DEFAULT_CONFIG
         defaults = {
             "acks": "all",
@@ -512,6 +519,10 @@ class KafkaSink(DynamicSink[SinkItem]):
         config["bootstrap_servers"] = self._bootstrap
         config.update(self._client_config)
         config.update(self._producer_config)
+        if self._own_process:
+            from sferp.connectors.kafka_producer_proc import ProducerProcess
+
+            return ProducerProcess(config, self._bootstrap)
         try:
             producer = KafkaProducer(**config)
         except KafkaError as exc:
