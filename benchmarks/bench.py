@@ -174,7 +174,7 @@ class BenchConfig:
         self.duplicates = 0.05
         self.disorder = 0.20
         self.bad = 0.001
-        self.batch_size = 2000  # flow.batch_size default
+        self.batch_size = 8000  # flow.batch_size default
         self.latency_warmup_s = 1.0 if quick else 5.0
         self.latency_drain_s = 30.0
         self.samples_per_s = 20.0

@@ -22,7 +22,7 @@ from sferp.connectors.kafka import list_partitions
 
 def fetch_settings(batch_size: int) -> dict[str, int]:
     """The consumer fetch settings of `sferp.connectors.kafka.KafkaSource.build_part`."""
-    fetch_bytes = max(1 << 20, min(batch_size * 2048, 16 << 20))
+    fetch_bytes = max(1 << 20, min(batch_size * 1024, 8 << 20))
     return {
         "max_poll_records": batch_size,
         "max_partition_fetch_bytes": fetch_bytes,
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     """Command line of the raw floor (one JSON line on stdout)."""
     p = argparse.ArgumentParser(prog="python -m sferp.benchmarks.rawfloor")
     p.add_argument("--bootstrap", required=True)
-    p.add_argument("--batch-size", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=8000)
     p.add_argument("topics", nargs="+")
     args = p.parse_args(argv)
     t0 = time.monotonic()

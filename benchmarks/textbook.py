@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m sferp.benchmarks.textbook")
     p.add_argument("--bootstrap", required=True)
-    p.add_argument("--batch-size", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=8000)
     p.add_argument("topics", nargs="+", help="TOPIC=ROLE (role: salesforce, items, ...)")
     args = p.parse_args(argv)
     topics = dict(t.split("=", 1) for t in args.topics)

@@ -18,6 +18,8 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
+from kafka.partitioner.default import murmur2
+from sferp.connectors.kafka_records import install as install_fast_reader
 
 from sferp.events import RawMessage
 
@@ -38,6 +40,7 @@ _CONNECT_TIMEOUT_MS = 5_000
 _OFFSETS_TIMEOUT_MS = 10_000
 _METADATA_TIMEOUT_MS = 10_000
 _IDLE_BACKOFF_MAX = timedelta(milliseconds=50)
+_PARTITION_CACHE = 200_000  # keys per topic whose partition is remembered
 
 # Next offset to read of every partition read in this process, for progress
 # and lag reporting. One dict store per fetched batch.
@@ -216,10 +219,13 @@ class _KafkaPartition(StatefulSourcePartition[list[RawMessage], int]):
                 f"{self._offset}: {exc}"
             ) from exc
         if records:
-            topic, part = self._key
-            batch = [
-                RawMessage(topic, part, r.offset, r.key, r.value, r.timestamp) for r in records
-            ]
+            if type(records[0]) is RawMessage:  # connectors/kafka_records.py
+                batch = records
+            else:
+                topic, part = self._key
+                batch = [
+                    RawMessage(topic, part, r.offset, r.key, r.value, r.timestamp) for r in records
+                ]
             self._offset = records[-1].offset + 1
             _POSITIONS[self._key] = self._offset
             self._awake = None
@@ -288,7 +294,7 @@ class KafkaSource(FixedPartitionedSource[list[RawMessage], int]):
         *,
         start: str = "earliest",
         bounded: bool = False,
-        batch_size: int = 2000,
+        batch_size: int = 8000,
         client_config: dict[str, Any] | None = None,
         stop_event: threading.Event | None = None,
     ) -> None:
@@ -344,8 +350,8 @@ class KafkaSource(FixedPartitionedSource[list[RawMessage], int]):
                 f"the configured topics {self._topics}"
             )
         tp = TopicPartition(topic, int(part))
-        # A fetch brings up to ~4 batches per partition: few round trips, bounded memory.
-        fetch_bytes = max(1 << 20, min(self._batch_size * 2048, 16 << 20))
+        # About one batch of typical (~1 KB) messages per fetch: few round trips, bounded memory.
+        fetch_bytes = max(1 << 20, min(self._batch_size * 1024, 8 << 20))
         consumer = _open_consumer(
             self._bootstrap,
             self._client_config,
@@ -355,6 +361,7 @@ class KafkaSource(FixedPartitionedSource[list[RawMessage], int]):
             fetch_max_bytes=max(fetch_bytes, 50 << 20),
             fetch_max_wait_ms=200,
         )
+        install_fast_reader(consumer)  # RawMessages straight from v2 batches
         try:
             consumer.assign([tp])
             end = None
@@ -379,6 +386,8 @@ class KafkaSource(FixedPartitionedSource[list[RawMessage], int]):
 
 
 class _KafkaSinkPartition(StatelessSinkPartition[SinkItem]):
+    """One producer. `send` is asynchronous; `flush` waits for and checks every delivery."""
+
     def __init__(self, producer: KafkaProducer, bootstrap: str) -> None:
         self._producer = producer
         self._bootstrap = bootstrap
@@ -388,31 +397,78 @@ class _KafkaSinkPartition(StatelessSinkPartition[SinkItem]):
         self._flush_timeout_s = (
             config.get("delivery_timeout_ms", 120_000) + config.get("request_timeout_ms", 30_000)
         ) / 1000 + 1.0
+        self._sent = 0
+        self._failed: list[tuple[str, BaseException]] = []
+        # Partition of each key of a topic, computed as kafka-python's (and the
+        # Java client's) default partitioner does; views keys repeat, murmur2 is slow.
+        self._partitions: dict[str, tuple[list[int], dict[bytes, int]]] = {}
 
-    def write_batch(self, items: list[SinkItem]) -> None:
+    def _partition(self, topic: str, key: bytes | None) -> int | None:
+        if key is None:
+            return None
+        known = self._partitions.get(topic)
+        if known is None:
+            parts = self._producer.partitions_for(topic)
+            if not parts:
+                return None  # unknown topic: let send() report it
+            known = self._partitions[topic] = (sorted(parts), {})
+        ordered, cache = known
+        p = cache.get(key)
+        if p is None:
+            if len(cache) >= _PARTITION_CACHE:
+                cache.clear()
+            p = cache[key] = ordered[(murmur2(key) & 0x7FFFFFFF) % len(ordered)]
+        return p
+
+    def send(self, items: Iterable[SinkItem]) -> None:
+        """Hand items to the producer without waiting; raise if an earlier delivery failed."""
+        self._raise_failed()
         send = self._producer.send
-        futures = []
+        partition = self._partition
+        failed = self._failed
+        n = 0
         try:
             for topic, key, value in items:
-                futures.append((topic, send(topic, key=key, value=value)))
+                fut = send(topic, key=key, value=value, partition=partition(topic, key))
+                fut.add_errback(lambda exc, t=topic: failed.append((t, exc)))
+                n += 1
+        except KafkaError as exc:
+            raise KafkaConnectorError(f"cannot write to Kafka at {self._bootstrap}: {exc}") from exc
+        self._sent += n
+
+    def flush(self) -> None:
+        """Wait until everything sent so far is delivered; raise if anything was not."""
+        if not self._sent:
+            return
+        try:
             self._producer.flush(timeout=self._flush_timeout_s)
         except KafkaError as exc:
             raise KafkaConnectorError(f"cannot write to Kafka at {self._bootstrap}: {exc}") from exc
-        failed = [(topic, f.exception) for topic, f in futures if not f.succeeded()]
-        if failed:
-            topic, exc = failed[0]
+        self._raise_failed()
+        self._sent = 0
+
+    def _raise_failed(self) -> None:
+        if self._failed:
+            topic, exc = self._failed[0]
             raise KafkaConnectorError(
-                f"{len(failed)} of {len(futures)} messages not delivered to Kafka at "
+                f"{len(self._failed)} messages not delivered to Kafka at "
                 f"{self._bootstrap}; first: topic {topic!r}: {exc}"
             )
 
+    def write_batch(self, items: list[SinkItem]) -> None:
+        self.send(items)
+        self.flush()
+
     def close(self) -> None:
         try:
-            self._producer.close(timeout=self._flush_timeout_s)
-        except KafkaError as exc:
-            raise KafkaConnectorError(
-                f"cannot flush the producer for Kafka at {self._bootstrap} on close: {exc}"
-            ) from exc
+            self.flush()  # raises for anything not delivered
+        finally:
+            try:
+                self._producer.close(timeout=self._flush_timeout_s)
+            except KafkaError as exc:
+                raise KafkaConnectorError(
+                    f"cannot flush the producer for Kafka at {self._bootstrap} on close: {exc}"
+                ) from exc
 
 
 class KafkaSink(DynamicSink[SinkItem]):
@@ -431,6 +487,7 @@ class KafkaSink(DynamicSink[SinkItem]):
         *,
         client_config: dict[str, Any] | None = None,
         producer_config: dict[str, Any] | None = None,
+        own_process: bool = False,
     ) -> None:
         """Validate and store settings; the producer is created per worker in `build`.
 
@@ -439,6 +496,9 @@ class KafkaSink(DynamicSink[SinkItem]):
             the source (security_protocol, sasl_*, ssl_*).
         :arg producer_config: producer settings that override ours (acks,
             linger_ms, compression_type, delivery_timeout_ms...).
+        :arg own_process: run the producer in a child process
+            (`kafka_producer_proc`): for outputs busy enough that kafka-python's
+            per-record cost would hold the worker's GIL.
         """
         if not bootstrap:
             raise ValueError("bootstrap must name at least one broker")
@@ -446,9 +506,10 @@ class KafkaSink(DynamicSink[SinkItem]):
         self._bootstrap = bootstrap
         self._client_config = _check_settings(client_config or {}, known, "producer")
         self._producer_config = _check_settings(producer_config or {}, known, "producer")
+        self._own_process = own_process
 
-    def build(self, step_id: str, worker_index: int, worker_count: int) -> _KafkaSinkPartition:
-        """Create this worker's producer."""
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> Any:
+        """Create this worker's producer (a `_KafkaSinkPartition` or a `ProducerProcess`)."""
         known = KafkaProducer.DEFAULT_CONFIG
         defaults = {
             "acks": "all",
@@ -462,6 +523,10 @@ class KafkaSink(DynamicSink[SinkItem]):
         config["bootstrap_servers"] = self._bootstrap
         config.update(self._client_config)
         config.update(self._producer_config)
+        if self._own_process:
+            from sferp.connectors.kafka_producer_proc import ProducerProcess
+
+            return ProducerProcess(config, self._bootstrap)
         try:
             producer = KafkaProducer(**config)
         except KafkaError as exc:

@@ -17,11 +17,13 @@ latest value sent per key (SQLite, beside the views file), with before-images
 per snapshot interval, exactly like the DuckDB writer's undo log:
 
 - `write_batch` first commits the records to the mirror (saving the
-  before-image of each key's first change since the last snapshot), then sends
-  them and waits for every acknowledgement. Every key ever sent after a
-  snapshot is therefore known to the mirror.
-- `snapshot()` returns the mirror's sequence number (everything before it is
-  acknowledged by Kafka).
+  before-image of each key's first change since the last snapshot), then hands
+  them to the producer without waiting (a delivery failure raises on the next
+  batch at the latest). Every key ever sent after a snapshot is therefore
+  known to the mirror.
+- `snapshot()` waits for every acknowledgement, then returns the mirror's
+  sequence number (everything before it is acknowledged by Kafka). Not
+  waiting per batch keeps the dataflow from stalling on broker round trips.
 - `build_part` with a resume state rolls the mirror back to that snapshot and,
   before it commits the rollback, sends each rolled-back key's value at the
   snapshot again (a tombstone where the key had none). A crash during this
@@ -260,9 +262,10 @@ class _ReconciledPartition(StatefulSinkPartition[list[SinkItem], int | None]):
         if self._mirror is not None:
             compacted = self._compacted
             self._mirror.record({(t, k): v for t, k, v in records if t in compacted and k})
-        self._producer.write_batch(records)
+        self._producer.send(records)  # delivered (and checked) by the next snapshot or close
 
     def snapshot(self) -> int | None:
+        self._producer.flush()
         return None if self._mirror is None else self._mirror.snapshot()
 
     def close(self) -> None:

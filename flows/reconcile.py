@@ -325,7 +325,7 @@ def build_flow(settings: Settings, opts: FlowOptions) -> Dataflow:
         # with recovery, a mirror brings the compacted topics back to the snapshot on resume.
         records = op.filter_map_value("kafka_records", coordinated, lambda out: out[1] or None)
         kafka_sink = ReconciledKafkaSink(
-            KafkaSink(settings.kafka.bootstrap, client_config=client_config),
+            KafkaSink(settings.kafka.bootstrap, client_config=client_config, own_process=True),
             compacted=(topics.out_inventory, topics.out_orders, topics.out_exceptions),
             mirror=mirror_path(opts.views_path or settings.views.path) if rec else None,
             writer=opts.writer,

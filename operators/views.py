@@ -39,6 +39,7 @@ from .facts import (
 )
 from .numbers import ZERO, money, to_decimal, whole
 from .routing import GLOBAL, PRODUCTS, SKUS, shard
+from .slots import compact_pickle
 
 Out = list[tuple[str, tuple]]
 
@@ -54,6 +55,7 @@ def _global(rows: dict, exceptions: list, handoffs: list | None = None) -> tuple
     return (GLOBAL, (GLOBAL_IN, GlobalInput({}, None, [], rows, exceptions, handoffs or [], [])))
 
 
+@compact_pickle
 class OrderNode:
     """Everything known about one Salesforce Order Id."""
 
@@ -318,6 +320,7 @@ def _str_or_none(v: Any) -> str | None:
     return v if isinstance(v, str) else orjson.dumps(v).decode()
 
 
+@compact_pickle
 class ProductNode:
     """One Product2 Id: its sku and the open demand of every order for it."""
 
@@ -381,6 +384,7 @@ class ProductsStage:
         return [(dest, (FACTS, lst)) for dest, lst in out.items()]
 
 
+@compact_pickle
 class SkuNode:
     """One sku: ERP inventory rows, the ERP item, and Salesforce demand per product."""
 

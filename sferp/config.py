@@ -100,7 +100,7 @@ class FlowSettings(_Section):
     max_message_bytes: int = Field(1_048_576, ge=1)
     max_fields: int = Field(1000, ge=1)  # fields of one event body or row image (too_many_fields)
     snapshot_interval_s: float = Field(5, gt=0)
-    batch_size: int = Field(2000, ge=1)
+    batch_size: int = Field(8000, ge=1)
 
 
 class ViewSettings(_Section):

@@ -393,14 +393,17 @@ def read_all(bootstrap, topic, partitions, expected):
         consumer.close()
 
 
-def test_sink_writes_keys_values_and_tombstones(broker, topics):
+@pytest.mark.parametrize("own_process", [False, True])
+def test_sink_writes_keys_values_and_tombstones(broker, topics, own_process):
     names = topics({"out.a": 3, "out.b": 1})
     a, b = names["out.a"], names["out.b"]
     items = [(a, b"sku-%d" % (i % 7), b'{"v":%d}' % i) for i in range(50)]
     items += [(a, b"sku-3", None), (b, b"kind:key", b"{}"), (b, b"kind:key", None)]
     flow = Dataflow("write")
     op.output(
-        "out", op.input("in", flow, TestingSource(items, batch_size=8)), KafkaSink(broker.bootstrap)
+        "out",
+        op.input("in", flow, TestingSource(items, batch_size=8)),
+        KafkaSink(broker.bootstrap, own_process=own_process),
     )
     run_main(flow)
 
@@ -416,7 +419,8 @@ def test_sink_writes_keys_values_and_tombstones(broker, topics):
     assert [(r.key, r.value) for r in got_b] == [(b"kind:key", b"{}"), (b"kind:key", None)]
 
 
-def test_sink_raises_when_the_broker_is_gone():
+@pytest.mark.parametrize("own_process", [False, True])
+def test_sink_raises_when_the_broker_is_gone(own_process):
     with EmbeddedBroker() as own:
         own.create_topics({"t": 1})
         part = KafkaSink(
@@ -426,6 +430,7 @@ def test_sink_raises_when_the_broker_is_gone():
                 "request_timeout_ms": 500,
                 "delivery_timeout_ms": 1500,
             },
+            own_process=own_process,
         ).build("out", 0, 1)
         part.write_batch([("t", b"k", b"v")])  # works while the broker is up
         own.stop()
@@ -436,7 +441,8 @@ def test_sink_raises_when_the_broker_is_gone():
         assert own.bootstrap in str(info.value)
 
 
-def test_sink_raises_when_deliveries_time_out():
+@pytest.mark.parametrize("own_process", [False, True])
+def test_sink_raises_when_deliveries_time_out(own_process):
     # A stalled broker (SIGSTOP): sends are accepted, deliveries then fail.
     with EmbeddedBroker() as own:
         own.create_topics({"t": 1})
@@ -448,6 +454,7 @@ def test_sink_raises_when_deliveries_time_out():
                 "delivery_timeout_ms": 1500,
                 "linger_ms": 0,
             },
+            own_process=own_process,
         ).build("out", 0, 1)
         part.write_batch([("t", b"k", b"v")])
         os.kill(own.pid, signal.SIGSTOP)
@@ -462,9 +469,44 @@ def test_sink_raises_when_deliveries_time_out():
             part.close()
 
 
-def test_sink_connect_failure_is_clear():
+def test_producer_process_sends_without_waiting_and_flush_checks(broker, topics):
+    t = topics({"t": 2})["t"]
+    part = KafkaSink(broker.bootstrap, own_process=True).build("out", 0, 1)
+    try:
+        for i in range(20):
+            part.send([(t, b"k%d" % (j % 5), b"%d" % (i * 100 + j)) for j in range(100)])
+        part.flush()
+        got = read_all(broker.bootstrap, t, 2, 2000)
+        assert len(got) == 2000
+        for k in range(5):  # per key: the order sent
+            mine = sorted((r for r in got if r.key == b"k%d" % k), key=lambda r: r.offset)
+            assert [int(r.value) for r in mine] == sorted(int(r.value) for r in mine)
+        part.send([(t, b"k", b"x" * (3 << 20))])  # beyond max_request_size: fails in the child
+        with pytest.raises(KafkaConnectorError, match="too large|MessageSizeTooLarge"):
+            part.flush()
+    finally:
+        with contextlib.suppress(KafkaConnectorError):
+            part.close()
+
+
+def test_a_dead_producer_process_is_an_error_not_a_loss(broker, topics):
+    t = topics({"t": 1})["t"]
+    part = KafkaSink(broker.bootstrap, own_process=True).build("out", 0, 1)
+    part.write_batch([(t, b"k", b"v")])
+    part._proc.kill()
+    part._proc.join(10)
+    with pytest.raises(KafkaConnectorError, match="producer process"):
+        part.write_batch([(t, b"k", b"v2")])
+    with contextlib.suppress(KafkaConnectorError):
+        part.close()
+
+
+@pytest.mark.parametrize("own_process", [False, True])
+def test_sink_connect_failure_is_clear(own_process):
     bootstrap = f"127.0.0.1:{unused_port()}"
-    sink = KafkaSink(bootstrap, producer_config={"bootstrap_timeout_ms": 1000})
+    sink = KafkaSink(
+        bootstrap, producer_config={"bootstrap_timeout_ms": 1000}, own_process=own_process
+    )
     with pytest.raises(KafkaConnectorError, match=bootstrap):
         sink.build("out", 0, 1)
 
