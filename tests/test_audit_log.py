@@ -43,7 +43,7 @@ def rec(key: str, version: str, source: str = "salesforce", entity: str = "Order
     return (source, entity, key, False, '{"Status":"Draft"}', version, T0)
 
 
-def test_insert_update_delete_with_lineage_in_one_commit_each(tmp_path: Path) -> None:
+def test_upserts_and_deletes_with_lineage_in_one_commit_each(tmp_path: Path) -> None:
     path = tmp_path / "v.duckdb"
     w = writer(path)
     lin = {"salesforce": "sf|Order|tx1|1|801A", "erp": "erp|sales_orders|{}|7"}
@@ -58,15 +58,15 @@ def test_insert_update_delete_with_lineage_in_one_commit_each(tmp_path: Path) ->
         ]
     )
     w.write_batch([{"order_status": {("801A",): order_row("801A", "BOOKED")}}])
-    w.write_batch([{"order_status": {("801A",): None, ("801B",): None}}])  # 801B never existed
+    w.write_batch([{"order_status": {("801A",): None}}])
     w.write_batch([{"flow_stats": {("t",): ("t", 1, 1, 0, 0, 0, 0)}}])  # counters: not audited
     w.close()
     rows = audit(path)
     assert [(r[0], r[1], r[2]) for r in rows] == [
-        ("dead_letters", "sf.cdc:0:5", "insert"),
-        ("order_status", "801A", "insert"),
-        ("records", "salesforce:Order:801A", "insert"),
-        ("order_status", "801A", "update"),
+        ("dead_letters", "sf.cdc:0:5", "upsert"),
+        ("order_status", "801A", "upsert"),
+        ("records", "salesforce:Order:801A", "upsert"),
+        ("order_status", "801A", "upsert"),
         ("order_status", "801A", "delete"),
     ]
     assert orjson.loads(rows[1][3]) == lin
@@ -155,7 +155,7 @@ def test_fresh_start_keeps_history_and_records_the_truncate(tmp_path: Path) -> N
     w.close()
     rows = audit(path)
     assert [(r[0], r[1], r[2]) for r in rows] == [
-        ("records", "salesforce:Order:801A", "insert"),
+        ("records", "salesforce:Order:801A", "upsert"),
         ("records", None, "truncate"),
     ]
     assert orjson.loads(rows[1][3]) == {"rows": 1}
@@ -213,10 +213,10 @@ def test_flow_audits_every_view_row_with_its_lineage(tmp_path: Path, monkeypatch
         exc = con.execute("SELECT kind || ':' || key FROM reconciliation_exceptions").fetchall()
     finally:
         con.close()
-    assert commits > 5 and actions["update"] > 100 and actions["delete"] > 0
+    assert commits > 5 and actions["upsert"] > 100 and actions["delete"] > 0
     for (source, entity, key), row in views.records.items():
         action, lin = latest[("records", f"{source}:{entity}:{key}")]
-        assert action in ("insert", "update")
+        assert action == "upsert"
         expect = (
             f"erp|{entity}|{key}|{row.version}"
             if source == "erp"
@@ -231,10 +231,10 @@ def test_flow_audits_every_view_row_with_its_lineage(tmp_path: Path, monkeypatch
         action, lin = latest[("inventory_live", sku)]
         assert action != "delete" and lin  # erp and/or salesforce identities
     for (k,) in exc:
-        assert latest[("reconciliation_exceptions", k)][0] in ("insert", "update")
+        assert latest[("reconciliation_exceptions", k)][0] == "upsert"
     for topic, part, off, _, _ in views.dead_letters:
         assert latest[("dead_letters", f"{topic}:{part}:{off}")] == (
-            "insert",
+            "upsert",
             {"input": f"{topic}:{part}:{off}"},
         )
     gone = [k for (t, k), (a, _) in latest.items() if t == "order_status" and a == "delete"]

@@ -3,7 +3,8 @@ keys, one key changed thousands of times in shuffled order, 1 MB strings in unus
 
 The views must equal the reference model, and the run must finish; how fast is the
 benchmark's business (README "Performance"), so nothing here is timed. Sizes are kept
-small enough for CI; `SFERP_PATHOLOGICAL_SCALE=N` multiplies the counts.
+small enough for CI; `SFERP_PATHOLOGICAL_SCALE=N` multiplies the counts, and
+`make test-slow` changes one key a million times.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import time
 from typing import Any
 
+import pytest
 from flowkit import run_in_memory
 
 from sferp.compare import diff
@@ -174,3 +177,29 @@ def test_pathological_valid_input_gives_the_reference_views(tmp_path):
     assert len(views.records) > 20_000 * SCALE
     stats = views.flow_stats
     assert sum(s["consumed"] for s in stats.values()) == len(msgs)
+
+
+@pytest.mark.slow
+def test_one_key_changed_a_million_times(tmp_path):
+    """`make test-slow`: a million distinct updates of one Order, shuffled, with redeliveries.
+
+    Per-record state must not grow with the number of changes (no per-change
+    lineage or history kept): the run finishes at the benchmark's pace and the
+    views equal the reference.
+    """
+    rng = random.Random(11)
+    n = 1_000_000
+    items = [(SF, ORDER.encode(), sf_event("CREATE", ORDER, T0, 1, Status="Draft", TotalAmount=1))]
+    for i in range(1, n):
+        doc = sf_event("UPDATE", ORDER, T0 + i, 1, TotalAmount=i % 9973, Name=f"n{i % 7}")
+        items.append((SF, ORDER.encode(), doc))
+    items += [items[rng.randrange(n)] for _ in range(n // 100)]  # redelivered copies
+    head, tail = items[:1], items[1:]
+    rng.shuffle(tail)
+    msgs = to_messages(head + tail)
+    started = time.perf_counter()
+    views = run_in_memory(msgs, tmp_path / "views.duckdb", batch=8000)
+    took = time.perf_counter() - started
+    print(f"{len(msgs):,} messages in {took:.1f} s: {len(msgs) / took:,.0f} events/s")
+    assert diff(compute(msgs), views) == []
+    assert sum(s["consumed"] for s in views.flow_stats.values()) == len(msgs)
