@@ -362,7 +362,7 @@ def markdown(r: dict[str, Any], name: str) -> str:
             f"{any_lat['poll_s']:g} s (what `sferp query` uses while a flow runs) for those "
             "records' `records.version`; a sample's latency is the arrival time of the first "
             "answer showing its version minus its send time, so it includes Kafka, the flow, "
-            "the DuckDB commit (every 0.5 s) and up to one poll interval. Samples sent in the "
+            "the DuckDB commit (every 0.25 s) and up to one poll interval. Samples sent in the "
             f"first {any_lat['warmup_s']:g} s are not counted (warm-up); a sample not seen "
             f"{any_lat['drain_timeout_s']:g} s after the producer finished counts as infinitely "
             "late."
