@@ -96,16 +96,37 @@ def with_echo_rule(cfg: DecodeConfig, settings: Settings) -> DecodeConfig:
 
 
 def dead_letter_writer(settings: Settings, kafka: bool) -> DeadLetterWriter:
-    """Where write-back failures go: the DLQ topic, or (no Kafka outputs) the log only."""
+    """Where write-back failures go: the DLQ topic, or (no Kafka outputs) the log only.
+
+    Values of `[security] encrypt_fields` in a failed record are encrypted first,
+    as in every other dead letter (docs/data-protection.md).
+    """
+    writer: DeadLetterWriter
     if kafka:
-        return KafkaDeadLetters(
+        writer = KafkaDeadLetters(
             settings.kafka.bootstrap, settings.topics.dlq, settings.kafka_client_config()
         )
+    else:
 
-    def log_only(key: bytes, value: bytes) -> None:
-        log.error("write-back dead letter %s: %s", key.decode(), value.decode())
+        def writer(key: bytes, value: bytes) -> None:
+            log.error("write-back dead letter %s: %s", key.decode(), value.decode())
 
-    return log_only
+    from sferp.protect import protector_from_settings
+
+    p = protector_from_settings(settings)
+    t = settings.topics
+    protect = None
+    if p is not None:
+        protect = p.for_kafka(dlq=t.dlq, orders=t.out_orders, exceptions=t.out_exceptions)
+    if protect is None or not protect.dlq:
+        return writer
+    inner = writer
+
+    def protected(key: bytes, value: bytes) -> None:
+        [(_, k, v)] = protect([(t.dlq, key, value)])
+        inner(k, v)
+
+    return protected
 
 
 def make_change_router(*, live: bool, max_future_skew_ms: int) -> Any:

@@ -455,3 +455,26 @@ def test_kafka_outputs_and_dlq_carry_no_plaintext(broker, topics, tmp_path: Path
                 assert plain == p.decrypt(view[oid].account_id, "order_status", oid, "account_id")
             accounts += 1
     assert accounts > 50
+
+
+def test_writeback_dead_letters_encrypt_configured_fields(caplog):
+    from sferp.flows.salesforce import dead_letter_writer
+
+    from sferp.protect import Protector, parse_keyring
+
+    env = env_with(f"k1:{key_b64(7)}", fields=("Order.ERP_Order_No__c",))
+    cfg = load_settings(environ=env)
+    write = dead_letter_writer(cfg, kafka=False)  # the log stands in for the DLQ topic
+    raw = orjson.dumps(
+        {"sobject": "Order", "id": "801A", "fields": {"ERP_Order_No__c": "SO-SECRET-9"}}
+    ).decode()
+    value = {"reason": "writeback:X", "topic": "writeback", "partition": 0, "offset": 5, "raw": raw}
+    with caplog.at_level("ERROR", logger="sferp.salesforce"):
+        write(b"writeback:Order:801A", orjson.dumps(value))
+    logged = caplog.text
+    assert "write-back dead letter" in logged and "SO-SECRET-9" not in logged
+    token = orjson.loads(orjson.loads(logged[logged.index("{") :].strip())["raw"])["fields"]
+    p = Protector(parse_keyring(f"k1:{key_b64(7)}", "test"), "k1", ["Order.ERP_Order_No__c"])
+    assert p.decrypt(
+        token["ERP_Order_No__c"], "dead_letters", "writeback:0:5", "ERP_Order_No__c"
+    ) == ("SO-SECRET-9")
