@@ -40,8 +40,12 @@ ROLES = ("sf_cdc", "erp_items", "erp_inventory", "erp_sales_orders")
 OUTPUTS = ("out_inventory", "out_orders", "out_exceptions", "dlq")
 
 
-def _consumed(views: Path, pid: int) -> int | None:
-    """sum(flow_stats.consumed) from the running writer `pid`'s endpoint (never the file)."""
+def live_consumed(views: Path, pid: int) -> int | None:
+    """sum(flow_stats.consumed) as the running writer `pid` serves it; None when not serving.
+
+    Asks the writer's query endpoint only, never opens the file (a read-only open
+    would hold a lock a starting writer needs).
+    """
     try:
         info = orjson.loads(Path(endpoint_path(str(views))).read_bytes())
         if int(info["pid"]) != pid:
@@ -106,7 +110,7 @@ class _Bench:
         proc = self.spawn(workdir, recovery=recovery, bounded=True)
         first = None
         while proc.poll() is None:
-            if first is None and (_consumed(workdir / "views.duckdb", proc.pid) or 0) > 0:
+            if first is None and (live_consumed(workdir / "views.duckdb", proc.pid) or 0) > 0:
                 first = time.monotonic()
             time.sleep(0.02)
         end = time.monotonic()
@@ -121,13 +125,13 @@ class _Bench:
         workdir = self.fresh("kill")
         views = workdir / "views.duckdb"
         proc = self.spawn(workdir, recovery=True, bounded=False)
-        while (_consumed(views, proc.pid) or 0) < kill_fraction * total:
+        while (live_consumed(views, proc.pid) or 0) < kill_fraction * total:
             if proc.poll() is not None:
                 raise SystemExit(f"run ended early:\n{_tail(workdir)}")
             time.sleep(0.02)
         if kill_fraction >= 1:
             time.sleep(2.0)  # idle and caught up: at least one snapshot since
-        at_kill = _consumed(views, proc.pid) or 0
+        at_kill = live_consumed(views, proc.pid) or 0
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         t0 = time.monotonic()
@@ -135,7 +139,7 @@ class _Bench:
         try:
             answered = None
             while True:
-                n = _consumed(views, proc.pid)
+                n = live_consumed(views, proc.pid)
                 if n is not None and answered is None:
                     answered = time.monotonic()
                 if n is not None and n >= total:

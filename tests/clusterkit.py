@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-import orjson
 from kafka import KafkaConsumer, TopicPartition
-from sferp.connectors.query_server import TOKEN_HEADER, endpoint_path
+from sferp.benchmarks.recovery import live_consumed
 
 # The deterministic part of every view (CONTRACT §2), ordered by primary key.
 DETERMINISTIC_SQL = {
@@ -185,36 +184,6 @@ class Runner:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-
-
-def live_consumed(views: Path, pid: int) -> int | None:
-    """sum(flow_stats.consumed) as the running writer `pid` serves it; None when not serving.
-
-    Asks the writer's query endpoint only, never opens the file (a read-only open
-    would hold a lock a starting writer needs).
-    """
-    try:
-        info = orjson.loads(Path(endpoint_path(str(views))).read_bytes())
-        if int(info["pid"]) != pid:
-            return None
-        conn = http.client.HTTPConnection("127.0.0.1", int(info["port"]), timeout=10)
-        try:
-            body = {"sql": "SELECT sum(consumed) FROM flow_stats", "max_rows": 1, "timeout_s": 5}
-            conn.request(
-                "POST",
-                "/query",
-                body=orjson.dumps(body),
-                headers={"Content-Type": "application/json", TOKEN_HEADER: str(info["token"])},
-            )
-            resp = conn.getresponse()
-            data = orjson.loads(resp.read())
-        finally:
-            conn.close()
-    except (OSError, ValueError, KeyError, http.client.HTTPException):
-        return None
-    if resp.status != 200:
-        return None
-    return int(data["rows"][0][0] or 0)
 
 
 def wait_until(
