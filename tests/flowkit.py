@@ -7,6 +7,7 @@ from pathlib import Path
 
 from bytewax._bytewax import cli_main
 from bytewax.testing import TestingSource
+from kafka import KafkaConsumer, TopicPartition
 from sferp.flows.reconcile import FlowOptions, build_flow
 
 from sferp.compare import Views, load_views
@@ -47,4 +48,20 @@ def renumber(msgs: list[RawMessage]) -> list[RawMessage]:
         off = nxt.get(k, 0)
         nxt[k] = off + 1
         out.append(m._replace(offset=off))
+    return out
+
+
+def read_topic(bootstrap: str, topic: str, client_config: dict | None = None) -> list:
+    """Every message of a one-partition topic, read until nothing new arrives."""
+    extra = client_config or {}
+    c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, **extra)
+    tp = TopicPartition(topic, 0)
+    c.assign([tp])
+    c.seek_to_beginning(tp)
+    out, idle = [], 0
+    while idle < 3:
+        got = [m for ms in c.poll(timeout_ms=300, max_records=10_000).values() for m in ms]
+        out.extend(got)
+        idle = 0 if got else idle + 1
+    c.close()
     return out

@@ -12,7 +12,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from kafka import KafkaConsumer, TopicPartition
+from flowkit import read_topic
 
 from sferp.compare import diff, load_views
 from sferp.demo import generated_messages
@@ -79,22 +79,6 @@ def run_until_caught_up(broker, config, views_path, *extra):
         *extra,
     )
     assert r.returncode == 0, r.stderr[-3000:]
-
-
-def read_topic(bootstrap, topic):
-    """Every message of a one-partition topic, read until nothing new arrives."""
-    c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    tp = TopicPartition(topic, 0)
-    c.assign([tp])
-    c.seek_to_beginning(tp)
-    out, idle = [], 0
-    while idle < 3:
-        batch = c.poll(timeout_ms=300, max_records=10_000)
-        got = [m for msgs in batch.values() for m in msgs]
-        out.extend(got)
-        idle = 0 if got else idle + 1
-    c.close()
-    return out
 
 
 def latest_per_key(messages):

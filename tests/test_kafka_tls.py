@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 import pytest
-from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from flowkit import read_topic
+from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 from kafka.net.sasl import get_sasl_mechanism
 from sferp.connectors.kafka import KafkaConnectorError, list_partitions
@@ -79,20 +80,6 @@ def create_topics(bootstrap: str, client_config: dict, topics: dict[str, int]) -
         admin.create_topics([NewTopic(t, n, 1) for t, n in topics.items()])
     finally:
         admin.close()
-
-
-def read_topic(bootstrap: str, client_config: dict, topic: str) -> list:
-    c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, **client_config)
-    tp = TopicPartition(topic, 0)
-    c.assign([tp])
-    c.seek_to_beginning(tp)
-    out, idle = [], 0
-    while idle < 3:
-        got = [m for ms in c.poll(timeout_ms=300, max_records=10_000).values() for m in ms]
-        out.extend(got)
-        idle = 0 if got else idle + 1
-    c.close()
-    return out
 
 
 def sferp_run(config: Path, bootstrap: str, views: Path, env_extra: dict[str, str] | None = None):
@@ -156,7 +143,7 @@ def test_flow_over_tls_with_client_certificate_equals_reference(tls, pki, tmp_pa
     ref_cfg = ReferenceConfig(topics={names[r]: REF_ROLE[r] for r in ROLES})
     assert diff(compute(generated_messages(cfg), ref_cfg), views) == []
     assert views.dead_letters  # bad messages were generated: the DLQ topic is written over TLS
-    dlq = read_topic(proxy.address, client, names["dlq"])
+    dlq = read_topic(proxy.address, names["dlq"], client)
     assert {(json.loads(m.value)["offset"], json.loads(m.value)["reason"]) for m in dlq} == {
         (d[2], d[3]) for d in views.dead_letters
     }

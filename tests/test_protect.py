@@ -15,10 +15,9 @@ from pathlib import Path
 import duckdb
 import orjson
 import pytest
-from flowkit import run_in_memory
+from flowkit import read_topic, run_in_memory
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kafka import KafkaConsumer, TopicPartition
 from protectkit import FIELD_NAMES, SENSITIVE, env_with, key_b64, leaks, plaintexts, world
 from sferp.connectors.duckdb_views import ViewsWriterPartition
 
@@ -382,20 +381,6 @@ def test_flow_writes_no_plaintext_and_decrypts_to_the_reference(tmp_path: Path, 
     assert {r[2] for r in rows} <= secrets
 
 
-def _read(bootstrap: str, topic: str) -> list:
-    c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    tp = TopicPartition(topic, 0)
-    c.assign([tp])
-    c.seek_to_beginning(tp)
-    out, idle = [], 0
-    while idle < 3:
-        got = [m for ms in c.poll(timeout_ms=300, max_records=10_000).values() for m in ms]
-        out.extend(got)
-        idle = 0 if got else idle + 1
-    c.close()
-    return out
-
-
 def test_kafka_outputs_and_dlq_carry_no_plaintext(broker, topics, tmp_path: Path) -> None:
     roles = ("sf_cdc", "erp_items", "erp_inventory", "erp_sales_orders")
     outs = ("out_inventory", "out_orders", "out_exceptions", "dlq")
@@ -429,7 +414,7 @@ def test_kafka_outputs_and_dlq_carry_no_plaintext(broker, topics, tmp_path: Path
     assert secrets and not any(s in r.stderr + r.stdout for s in secrets)
     assert leaks(str(views), secrets) == []
     p = Protector({"kid1": RAW1}, "kid1")
-    dlq = _read(broker.bootstrap, names["dlq"])
+    dlq = read_topic(broker.bootstrap, names["dlq"])
     assert dlq
     redacted = 0
     for m in dlq:
@@ -441,7 +426,7 @@ def test_kafka_outputs_and_dlq_carry_no_plaintext(broker, topics, tmp_path: Path
             ctx = f"{doc['topic']}:{doc['partition']}:{doc['offset']}"
             p.decrypt_raw(doc["raw"], ctx)  # decrypts with the ring
     assert redacted >= 3
-    orders = _read(broker.bootstrap, names["out_orders"])
+    orders = read_topic(broker.bootstrap, names["out_orders"])
     view = load_views(views).order_status
     accounts = 0
     for m in orders:
