@@ -28,6 +28,7 @@ from sferp.operators.decode_common import (
     ReparseExact,
     dead_letter,
     deeper_than,
+    holds_big_integral,
     parse_json_fallback,
     raw_text,
 )
@@ -136,6 +137,11 @@ def decode_batch(msgs: list[RawMessage], cfg: DecodeConfig) -> list[Outcome]:
                 result = decode_erp(obj, msg, role, max_depth, max_fields)
         except ReparseExact:
             result = _decode_exact(msg, role, max_depth, max_fields)
+        else:
+            kind = type(result)
+            fields = result[7] if kind is Change else result[0][7] if kind is list else None
+            if fields and holds_big_integral(fields.values()):
+                result = _decode_exact(msg, role, max_depth, max_fields)
         if echo is not None and role == SALESFORCE_ROLE and type(result) is not DeadLetter:
             ts = writeback_echo(obj, echo[0], echo[1])
             if ts is not None:

@@ -75,8 +75,33 @@ class ReparseExact(Exception):
 
 
 def is_big_integral(x: object) -> bool:
-    """True for a double that may stand for an integer literal beyond 64 bits."""
-    return type(x) is float and x.is_integer() and not (-(2**63) <= x < 2**64)
+    """True for a double that may stand for an integer literal beyond 64 bits.
+
+    -2**63 counts: it is what orjson makes of -2**63 - 1 (while -2**63 itself is an int).
+    """
+    return type(x) is float and x.is_integer() and not (-(2**63) < x < 2**64)
+
+
+def holds_big_integral(values: Any) -> bool:
+    """True if any value (nested lists and objects included) may be an integer beyond 64 bits.
+
+    Checked on the fields of every Change decoded from an orjson parse, so that
+    such integers reach `records.fields` and the views exact (as the reference
+    model keeps them), not as the double orjson made of them.
+    """
+    for v in values:
+        t = type(v)
+        if t is str:
+            continue
+        if t is float:
+            if (v >= 9.2e18 or v <= -9.2e18) and is_big_integral(v):
+                return True
+        elif t is dict:
+            if holds_big_integral(v.values()):
+                return True
+        elif t is list and holds_big_integral(v):
+            return True
+    return False
 
 
 # --- JSON ------------------------------------------------------------------

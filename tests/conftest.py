@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
+from hypothesis import settings
 
 from sferp.broker import EmbeddedBroker
+
+# CI replays the same examples on every run (a red CI must mean a change broke
+# something, not that a new random example turned up); local runs and `make fuzz`
+# draw new ones each time, which is where new failures are found.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 @pytest.fixture(scope="session")

@@ -611,15 +611,24 @@ def test_ids_and_reference_fields_are_normalised():
     assert (ch.key, ch.fields["AccountId"]) == ("801-00000000001", "0010000000001")
 
 
-def test_integers_beyond_64_bits_in_fields_read_as_doubles():
-    # Like every JSON number in the views (docs/semantics.md §4), and still a JSON number for
-    # the records writer; integers where the header or envelope needs one stay exact (below).
-    ch = sf_change(
-        raw(SF, wrapped(header(changedFields=["TotalAmount"]), TotalAmount=10**30)).value
-    )
-    assert ch.fields == {"TotalAmount": 1e30}
-    row = {**INV_ROW, "qty_on_hand": -(2**63) - 1}
-    assert erp_change(INV, raw(INV, envelope(after=row)).value).fields["qty_on_hand"] == -(2.0**63)
+def test_integers_beyond_64_bits_in_fields_are_exact():
+    # As the reference model keeps them (records.fields, views): orjson reads such an integer
+    # as a double, so the message is parsed again with the standard library.
+    big = 10**30 + 1
+    ch = sf_change(raw(SF, wrapped(header(changedFields=["TotalAmount"]), TotalAmount=big)).value)
+    assert ch.fields == {"TotalAmount": big} and type(ch.fields["TotalAmount"]) is int
+    row = {**INV_ROW, "qty_on_hand": -(2**63) - 1}  # orjson: the double -2**63
+    assert erp_change(INV, envelope(after=row)).fields["qty_on_hand"] == -(2**63) - 1
+    # Anywhere in the fields: an unused field, nested in lists and objects, a text column.
+    h = header(changedFields=["LastModifiedDate", "Extra__c"])
+    ch = sf_change(wrapped(h, LastModifiedDate=big, Extra__c={"a": [1, {"b": -big}]}))
+    assert ch.fields == {"LastModifiedDate": big, "Extra__c": {"a": [1, {"b": -big}]}}
+    row = {"sku": "S", "name": "n", "list_price": 1, "note": [2**64]}
+    assert erp_change(ITEMS, envelope(after=row, table="items")).fields["note"] == [2**64]
+    # A double literal stays a double, however large and integral: nothing to make exact.
+    text = orjson.dumps(wrapped(h, LastModifiedDate=0, Extra__c=None))
+    ch = sf_change(text.replace(b'"LastModifiedDate":0', b'"LastModifiedDate":1e25'))
+    assert ch.fields["LastModifiedDate"] == 1e25 and type(ch.fields["LastModifiedDate"]) is float
 
 
 def test_big_integers_in_the_header_are_exact():
