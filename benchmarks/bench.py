@@ -177,6 +177,7 @@ class BenchConfig:
         self.batch_size = 8000  # flow.batch_size default
         self.latency_warmup_s = 1.0 if quick else 5.0
         self.latency_drain_s = 30.0
+        self.latency_loads = (50, 80)  # percent of the 1-worker maximum
         self.samples_per_s = 20.0
         self.timeout_s = 600.0 if quick else 1800.0
 
@@ -581,7 +582,7 @@ class Bench:
         if not capacity or not base.get("ok"):
             self._problem("latency: no 1-worker maximum to load the flow with")
             return
-        for pct in (50, 80):
+        for pct in cfg.latency_loads:
             rate = capacity * pct / 100
             n = max(1, math.ceil(rate * cfg.latency_s))
             ts = workload.TopicSet(f"live{pct}", cfg.partitions)

@@ -5,8 +5,10 @@ Method. Before a phase, some messages of the stream are chosen as samples
 not a gap marker) that is newer than every earlier message of the same record,
 so the record's `records.version` reaches the sample's version only once the
 flow has applied it (or a newer change of that record produced after it).
-A producer process forked for the phase sends the stream at the fixed rate and
-reports the wall-clock time just before it sends each sample. This process
+A producer process forked for the phase sends the stream at the fixed rate, as
+requests encoded before the phase (benchmarks/rawproduce.py: the load generator
+must not take the CPU the flow needs), and reports the wall-clock time just
+before it sends the request carrying each sample. This process
 polls the running writer's query endpoint (`sferp.query.fetch`, the same path
 as `sferp query`) every `poll_s` for the versions of the outstanding samples'
 records. A sample's latency is the time the answer that first shows its version
@@ -28,7 +30,7 @@ from sferp.events import RawMessage
 from sferp.query import QueryFailed, fetch
 from sferp.reference import ReferenceConfig, decode
 
-from .workload import producer_config
+from .rawproduce import Chunk, RawProducer, encode_chunks
 
 
 @dataclass(frozen=True)
@@ -97,42 +99,39 @@ def pick_samples(
 
 def _drive(
     bootstrap: str,
-    messages: Sequence[RawMessage],
+    chunks: Sequence[Chunk],
     rate: float,
-    sample_index: dict[int, int],
+    chunk_samples: dict[int, list[int]],
     conn: Connection,
 ) -> None:
-    """Producer process: send `messages` at `rate` a second; report sample send times."""
+    """Producer process: send the pre-encoded `chunks` at `rate` messages a second.
+
+    Reports the wall-clock time just before each request that carries samples.
+    """
     import resource
 
-    from kafka import KafkaProducer
-
-    producer = KafkaProducer(**producer_config(bootstrap, linger_ms=5, batch_size=256 * 1024))
-    failures: list[BaseException] = []
-    send = producer.send
-    n = len(messages)
+    producer = RawProducer(bootstrap)
     sent = 0
+    error: str | None = None
     t0 = time.time()
-    tick = 0.005
     try:
-        while sent < n and not failures:
-            now = time.time()
-            due = min(n, int((now - t0) * rate) + 1)
-            stamps = []
-            while sent < due:
-                m = messages[sent]
-                no = sample_index.get(sent)
-                if no is not None:
-                    stamps.append((no, time.time()))
-                send(m.topic, value=m.value, key=m.key, partition=m.partition).add_errback(
-                    failures.append
-                )
-                sent += 1
-            if stamps:
-                conn.send(("samples", stamps))
-            delay = t0 + (sent / rate) - time.time()
-            time.sleep(max(tick, delay) if sent < n else 0)
-        producer.flush()
+        for no, chunk in enumerate(chunks):
+            delay = t0 + chunk.first / rate - time.time()
+            if delay > 0:
+                time.sleep(delay)
+            watched = chunk_samples.get(no)
+            if watched:
+                now = time.time()
+                conn.send(("samples", [(s, now) for s in watched]))
+            producer.send(chunk)
+            sent += chunk.count
+            if producer.error:
+                break
+        if not producer.wait(30.0) and producer.error is None:
+            error = "the broker did not acknowledge every request within 30 s"
+        error = producer.error or error
+    except OSError as exc:
+        error = f"load connection: {exc}"
     finally:
         producer.close()
     ru = resource.getrusage(resource.RUSAGE_SELF)
@@ -143,7 +142,7 @@ def _drive(
                 "sent": sent,
                 "seconds": time.time() - t0,
                 "cpu_s": ru.ru_utime + ru.ru_stime,
-                "error": repr(failures[0]) if failures else None,
+                "error": error,
             },
         )
     )
@@ -228,13 +227,17 @@ def run_phase(
     `drain_timeout_s`) until every sample was seen and, when `expected_consumed` is
     given, until flow_stats counts that many consumed messages (`catch_up_s`).
     """
-    sample_index = {s.index: no for no, s in enumerate(samples)}
+    chunks = encode_chunks(messages, rate)  # before the clock starts: see rawproduce.py
+    size = chunks[0].count if chunks else 1  # every chunk but the last has this size
+    chunk_samples: dict[int, list[int]] = {}
+    for no, s in enumerate(samples):
+        chunk_samples.setdefault(s.index // size, []).append(no)
     produced: dict[int, float] = {}
     observed: dict[int, float] = {}
     ctx = multiprocessing.get_context("fork")
     recv, send_end = ctx.Pipe(duplex=False)
     proc = ctx.Process(
-        target=_drive, args=(bootstrap, messages, rate, sample_index, send_end), daemon=True
+        target=_drive, args=(bootstrap, chunks, rate, chunk_samples, send_end), daemon=True
     )
     t_start = time.time()
     proc.start()

@@ -439,8 +439,16 @@ class ViewsWriterPartition(StatefulSinkPartition[ViewDelta, int]):
             self._due.set()
 
     def snapshot(self) -> int:
-        """Commit pending work; the last commit's sequence number is the resume state."""
+        """Commit pending work; the last commit's sequence number is the resume state.
+
+        Without the undo log (no recovery store) no resume state is ever used: the
+        commit is left to the flusher instead of stalling the dataflow for it
+        (measured: the worker spent ~10 % of its time waiting here in live runs).
+        """
         self._raise_background_error()
+        if not self._undo and self._interval > 0:
+            self._due.set()
+            return self._seq
         with self._lock:
             self._commit_locked(snapshot=True)
             return self._seq

@@ -108,11 +108,22 @@ def prepare_recovery(recovery_dir: str, process_id: int | None = None) -> Any:
 GC_THRESHOLDS = (100_000, 50, 100)
 
 
+# The worker thread shares the GIL with the DuckDB flusher, the query endpoint and
+# kafka-python's I/O threads. Each of them, back from a call that released the GIL,
+# waits up to the switch interval for the busy worker to hand it over (5 ms by
+# default): a commit of ~20 statements then spent most of its time waiting, and the
+# worker waited on those commits. Measured with 1 ms: 4 % more events/s bounded,
+# live p99 at 80 % load 8.0 -> 5.6 s.
+SWITCH_INTERVAL_S = 0.001
+
+
 def tune_gc() -> None:
-    """Freeze start-up objects and raise the collector's thresholds (see GC_THRESHOLDS)."""
+    """Freeze start-up objects, raise the collector's thresholds (see GC_THRESHOLDS)
+    and shorten the GIL switch interval (see SWITCH_INTERVAL_S)."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
 
 
 def run_flow(settings: Settings, opts: RunOptions) -> int:

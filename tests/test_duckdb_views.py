@@ -271,6 +271,31 @@ def test_commits_on_interval_snapshot_and_close(tmp_path: Path) -> None:
     assert {r[0] for r in read_tables(path)["flow_stats"]} == {"a", "b"}
 
 
+def test_snapshot_without_undo_log_does_not_wait_for_the_commit(tmp_path: Path) -> None:
+    # No recovery store: nothing resumes from the position, so the dataflow does not
+    # stall on the commit; the flusher makes it within the interval.
+    path = tmp_path / "v.duckdb"
+    w = writer(path, commit_interval_s=0.2, undo=False)
+    w.write_batch([{"flow_stats": {("a",): ("a", 1, 1, 0, 0, 0, 0)}}])
+    opened_at = w._seq
+    with w._lock:  # a commit in progress on the flusher
+        t0 = time.monotonic()
+        assert w.snapshot() == opened_at
+        assert time.monotonic() - t0 < 0.1
+    deadline = time.monotonic() + 5
+    while w.commits == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert w.commits == 1
+    w.close()
+    assert {r[0] for r in read_tables(path)["flow_stats"]} == {"a"}
+    # With the undo log, the snapshot is the commit (exactly-once resume needs it).
+    w = writer(tmp_path / "u.duckdb", commit_interval_s=3600)
+    opened_at = w._seq
+    w.write_batch([{"flow_stats": {("a",): ("a", 1, 1, 0, 0, 0, 0)}}])
+    assert w.snapshot() == opened_at + 1 and w.commits == 1
+    w.close()
+
+
 def test_background_flush_commits_when_items_stop(tmp_path: Path) -> None:
     path = tmp_path / "v.duckdb"
     w = writer(path, commit_interval_s=0.2, serve_queries=True)
@@ -511,7 +536,7 @@ def test_undo_log_stays_bounded(tmp_path: Path) -> None:
     for cycle in range(30):
         for c in range(3):  # three commits per snapshot interval, same hot keys + new keys
             hot = {(f"H{i}",): inv(f"H{i}", cycle * 10 + c) for i in range(20)}
-            new = {(f"N{cycle}-{c}-{i}",): inv("x", 1) for i in range(5)}
+            new = {(f"N{cycle}-{c}-{i}",): inv(f"N{cycle}-{c}-{i}", 1) for i in range(5)}
             w.write_batch([{"inventory_live": hot | new}])
         w.snapshot()
         undo_sizes.append(
