@@ -27,6 +27,7 @@ from sferp.connectors.duckdb_views import (
     DuckDBViewsSink,
     ResumeError,
     ViewsWriterPartition,
+    bind_columns,
 )
 
 T0 = 1_764_309_600_000  # 2025-11-28T06:00:00Z in ms
@@ -655,3 +656,59 @@ def test_bytewax_flow_without_recovery(tmp_path: Path) -> None:
     run_main(flow)
     assert read_tables(path)["flow_stats"] == {("t", 50, 50, 0, 0, 0, 0)}
     assert not os.path.exists(str(path) + ".endpoint")  # removed on close
+
+
+# -- parameter forms ----------------------------------------------------------------------
+
+AWKWARD_TEXT = ['quote " backslash \\ tab \t nl \n', "é ü 漢 🙂 \u2028 \x7f", "", "null", "1.0"]
+
+
+def _every_type_delta(n: int) -> dict:
+    orders, recs, excs = {}, {}, {}
+    for i in range(n):
+        text = AWKWARD_TEXT[i % len(AWKWARD_TEXT)] + str(i)
+        oid = f"801{i:015d}"
+        total = None if i % 7 == 0 else Decimal(f"{i * 37 % 100000}.{i % 100:02d}")
+        orders[(oid,)] = (
+            oid, text, None if i % 3 else "001A", str(i), "Activated", None, "BOOKED",
+            total, Decimal("-0.01") if i % 2 else None, i % 2 == 0,
+            T0 + i, None if i % 5 else T0 - 1, (i * 0.1) if i % 4 else None, T0 + 5,
+        )  # fmt: skip
+        fields = {"Name": text, "Amount": i / 3, "Big": 2**62 + i, "Nested": [None, True]}
+        recs[("salesforce", "Order", oid)] = rec(oid, fields, version=f"{i}:1:1")
+        excs[("amount_mismatch", text)] = ("amount_mismatch", text, text, T0, T0 + i, i % 2 == 0)
+    return {"order_status": orders, "records": recs, "reconciliation_exceptions": excs}
+
+
+def test_json_and_list_parameters_write_identical_rows(tmp_path: Path, monkeypatch) -> None:
+    """Batches go as JSON texts; the list form (the fallback) must write the same rows."""
+    delta = _every_type_delta(300)
+    as_json, _ = bind_columns(delta["order_status"].values())
+    assert as_json
+    w = writer(tmp_path / "json.duckdb")
+    w.write_batch([delta])
+    w.close()
+    monkeypatch.setattr(
+        "sferp.connectors.duckdb_views.bind_columns",
+        lambda rows: (False, [list(c) for c in zip(*rows, strict=True)]),
+    )
+    w = writer(tmp_path / "lists.duckdb")
+    w.write_batch([delta])
+    w.close()
+    by_json, by_lists = (
+        read_tables(tmp_path / "json.duckdb"),
+        read_tables(tmp_path / "lists.duckdb"),
+    )
+    assert by_json == by_lists
+    assert len(by_json["order_status"]) == 300 and len(by_json["records"]) == 300
+    row = next(r for r in by_json["order_status"] if r[0] == "801000000000000001")
+    assert row[7] == Decimal("37.01") and row[8] == Decimal("-0.01") and row[12] == 0.1
+    assert row[10] == ts(T0 + 1) and row[11] is None and row[1] == AWKWARD_TEXT[1] + "1"
+
+
+def test_values_beyond_json_go_as_lists() -> None:
+    assert bind_columns([("a", 1), ("b", 2)]) == (True, ['["a","b"]', "[1,2]"])
+    assert bind_columns([(Decimal("1.50"), None)]) == (True, ['["1.50"]', "[null]"])
+    # orjson refuses integers beyond 64 bits and lone surrogates: the batch goes as lists.
+    assert bind_columns([("a", 2**64), ("b", 1)]) == (False, [["a", "b"], [2**64, 1]])
+    assert bind_columns([("\ud800",)])[0] is False
