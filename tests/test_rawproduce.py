@@ -38,7 +38,7 @@ def test_chunks_arrive_complete_and_in_order_per_partition(broker, topics):
         key = None if i % 10 == 0 else f"k{i % 37}".encode()
         value = None if i % 97 == 0 else f'{{"n":{i},"pad":"{"x" * rng.randrange(300)}"}}'.encode()
         msgs.append(RawMessage(topic, part, -1, key, value, -1))
-    chunks = encode_chunks(msgs, rate=20_000)  # 100 messages a request
+    chunks = encode_chunks(msgs, rate=5_000)  # 100 messages a request
     assert [c.count for c in chunks[:-1]] == [100] * (len(chunks) - 1)
     assert sum(c.count for c in chunks) == len(msgs)
     producer = RawProducer(broker.bootstrap)
