@@ -10,7 +10,10 @@ must quote it, as in `SELECT "offset" FROM dead_letters`.
 
 from __future__ import annotations
 
-import duckdb
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the schema is plain data: importing it does not load DuckDB
+    import duckdb
 
 # Table -> ((column, DuckDB type), ...) in the contract's column order.
 SCHEMA: dict[str, tuple[tuple[str, str], ...]] = {

@@ -48,6 +48,7 @@ import orjson
 from sferp.config import ConfigError, load_settings
 from sferp.connectors.duckdb_schema import AUDIT_TABLE, quote
 from sferp.sfid import to18
+from sferp.views_file import open_stopped, rewrite, tables
 
 INTERNAL = "sferp_sink"
 ERP_SINGLE_KEYS = {"items": "sku", "sales_orders": "order_no"}
@@ -133,13 +134,6 @@ class Subject:
             self.exception_keys.append(value)
 
 
-def _tables(con: duckdb.DuckDBPyConnection) -> set[tuple[str, str]]:
-    return {
-        (r[0], r[1])
-        for r in con.execute("SELECT schema_name, table_name FROM duckdb_tables()").fetchall()
-    }
-
-
 def _count_delete(con: duckdb.DuckDBPyConnection, table: str, where: str, params: list) -> int:
     (n,) = con.execute(f"SELECT count(*) FROM {table} WHERE {where}", params).fetchone()
     if n:
@@ -183,19 +177,11 @@ def forget(
     }
     if not os.path.exists(views_path):
         raise ForgetError(f"no views file at {views_path} (pass --views)", 2)
-    try:
-        con = duckdb.connect(views_path, config={"enable_external_access": False})
-    except duckdb.IOException as exc:
-        if "lock" in str(exc).lower():
-            raise ForgetError(
-                f"{views_path} is in use by a running flow (or a query); stop the flow "
-                "(SIGTERM: it flushes and snapshots), run sferp forget, then start it again"
-            ) from None
-        raise
+    con = open_stopped(views_path, "forget", ForgetError)
     report: dict[str, Any] = {"subject": subject.label, "removed": {}, "undo_log": 0}
     removed: dict[str, int] = report["removed"]
-    try:
-        present = _tables(con)
+    with rewrite(con):
+        present = tables(con)
         mention = _mention(subject.tokens)
         rec_where, rec_params = _records_where(subject)
         exc_where, exc_params = _in("key", subject.exception_keys)
@@ -209,7 +195,6 @@ def forget(
             "reconciliation_exceptions": (exc_where, exc_params),
             "dead_letters": (dl_where, [mention]),
         }
-        con.execute("BEGIN")
         # the Kafka keys and audit row keys of the rows about to go
         kafka_keys: list[tuple[str, str]] = []
         row_keys: list[str] = []
@@ -286,16 +271,6 @@ def forget(
                     f"sferp forget {socket.gethostname()}:{os.getpid()}",
                 ],
             )
-        con.execute("COMMIT")
-        con.execute("CHECKPOINT")
-    except BaseException:
-        try:
-            con.execute("ROLLBACK")
-        except duckdb.Error:
-            pass
-        raise
-    finally:
-        con.close()
     report["kafka_mirror"] = _forget_mirror(f"{views_path}.kafka.sqlite3", kafka_keys)
     report["kafka_keys"] = [list(k) for k in kafka_keys]
     report["traces_in_file"] = _traces(views_path, subject.tokens)

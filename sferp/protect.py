@@ -43,6 +43,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from sferp.config import ConfigError
+from sferp.connectors.duckdb_schema import PRIMARY_KEYS, SCHEMA, TABLES
 
 if TYPE_CHECKING:
     from sferp.config import Settings
@@ -53,18 +54,12 @@ _NONCE = 12
 _KID = re.compile(r"[A-Za-z0-9_-]{1,32}\Z")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
-# View tables and the text columns of theirs that may be encrypted (the others are
-# keys, numbers, booleans or timestamps, which the views compute and compare).
+# View tables and the text columns of theirs that may be encrypted: the VARCHAR
+# columns outside the primary key (the others are keys, numbers, booleans or
+# timestamps, which the views compute and compare).
 VIEW_TEXT_COLUMNS: dict[str, tuple[str, ...]] = {
-    "order_status": (
-        "order_number",
-        "account_id",
-        "erp_order_no",
-        "sf_status",
-        "erp_status",
-        "stage",
-    ),
-    "reconciliation_exceptions": ("detail",),
+    table: tuple(c for c, ty in SCHEMA[table] if ty == "VARCHAR" and c not in PRIMARY_KEYS[table])
+    for table in ("order_status", "reconciliation_exceptions")
 }
 _VIEW_TABLES = ("order_status", "reconciliation_exceptions", "inventory_live")
 _NOT_ENTITIES = ("records", "flow_stats", "dead_letters", "audit_log")
@@ -211,8 +206,6 @@ class Protector:
             e: tuple(sorted(f)) for e, f in by_entity.items()
         }
         # view table -> ((column position, column name), ...)
-        from sferp.connectors.duckdb_schema import TABLES
-
         self.view_columns: dict[str, tuple[tuple[int, str], ...]] = {
             t: tuple((TABLES[t].index(c), c) for c in sorted(cols)) for t, cols in views.items()
         }
@@ -589,9 +582,23 @@ def _decrypt_cell(
     return v, 0
 
 
+def _settings_and_keys(args: argparse.Namespace) -> tuple[Settings, Protector]:
+    """The settings (`--config`, `--views`) and a Protector of the key ring, which must exist."""
+    from sferp.config import load_settings
+
+    overrides = {"views": {"path": args.views}} if args.views else None
+    settings = load_settings(args.config, overrides=overrides)
+    found = keyring_from_settings(settings)
+    if found is None:
+        raise ConfigError(
+            "SFERP_SECURITY__ENCRYPTION_KEYS: no key ring configured (or set "
+            "security.encryption_keys_file)"
+        )
+    return settings, Protector(found[0], found[1])
+
+
 def cli_decrypt(argv: list[str]) -> int:
     """`sferp decrypt "SQL"`: `sferp query` with protected values decrypted."""
-    from sferp.config import load_settings
     from sferp.query import FORMATS, QueryFailed, fetch, render
 
     ap = argparse.ArgumentParser(
@@ -610,15 +617,7 @@ def cli_decrypt(argv: list[str]) -> int:
         args = ap.parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
-    overrides = {"views": {"path": args.views}} if args.views else None
-    settings = load_settings(args.config, overrides=overrides)
-    found = keyring_from_settings(settings)
-    if found is None:
-        raise ConfigError(
-            "SFERP_SECURITY__ENCRYPTION_KEYS: no key ring configured (or set "
-            "security.encryption_keys_file)"
-        )
-    p = Protector(found[0], found[1])
+    settings, p = _settings_and_keys(args)
     try:
         result = fetch(
             args.sql, settings.views.path, max_rows=args.max_rows, timeout_s=args.timeout
@@ -675,25 +674,13 @@ def rekey(views_path: str, p: Protector, *, topics: dict[str, str] | None = None
     writer's undo log and the Kafka mirror. Values Kafka consumers already hold are
     not changed: keep the old key for as long as they may need it.
     """
-    import duckdb
+    from sferp.views_file import open_stopped, rewrite, tables  # duckdb: only when used
 
-    try:
-        con = duckdb.connect(views_path, config={"enable_external_access": False})
-    except duckdb.IOException as exc:
-        if "lock" in str(exc).lower():
-            raise RekeyError(
-                f"{views_path} is in use by a running flow (or a query); stop the flow "
-                "(SIGTERM), run sferp rekey, then start it again"
-            ) from None
-        raise
+    con = open_stopped(views_path, "rekey", RekeyError)
     counts: dict[str, int] = {}
     current = f"{PREFIX}{p.current}:"
-    try:
-        present = {
-            (r[0], r[1])
-            for r in con.execute("SELECT schema_name, table_name FROM duckdb_tables()").fetchall()
-        }
-        con.execute("BEGIN")
+    with rewrite(con):
+        present = tables(con)
         for schema, table, base in [
             (s, t, t if s == "main" else t[len("undo_") :])
             for s, t in sorted(present)
@@ -747,16 +734,6 @@ def rekey(views_path: str, p: Protector, *, topics: dict[str, str] | None = None
                     )
                 if n:
                     counts[name] = counts.get(name, 0) + n
-        con.execute("COMMIT")
-        con.execute("CHECKPOINT")
-    except BaseException:
-        try:
-            con.execute("ROLLBACK")
-        except duckdb.Error:
-            pass
-        raise
-    finally:
-        con.close()
     n = _rekey_mirror(p, f"{views_path}.kafka.sqlite3", topics or {})
     if n:
         counts["kafka mirror"] = n
@@ -808,8 +785,6 @@ def _rekey_mirror(p: Protector, path: str, topics: dict[str, str]) -> int:
 
 def cli_rekey(argv: list[str]) -> int:
     """`sferp rekey [--views PATH] [--config FILE]`: re-encrypt under the current key."""
-    from sferp.config import load_settings
-
     ap = argparse.ArgumentParser(
         prog="sferp rekey",
         description="Re-encrypt every encrypted value of a stopped flow's views file, undo "
@@ -821,14 +796,9 @@ def cli_rekey(argv: list[str]) -> int:
         args = ap.parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
-    overrides = {"views": {"path": args.views}} if args.views else None
-    settings = load_settings(args.config, overrides=overrides)
-    found = keyring_from_settings(settings)
-    if found is None:
-        raise ConfigError("SFERP_SECURITY__ENCRYPTION_KEYS: no key ring configured")
+    settings, p = _settings_and_keys(args)
     if not os.path.exists(settings.views.path):
         raise ConfigError(f"--views: no views file at {settings.views.path}")
-    p = Protector(found[0], found[1])
     t = settings.topics
     try:
         counts = rekey(

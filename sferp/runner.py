@@ -117,7 +117,7 @@ GC_THRESHOLDS = (100_000, 50, 100)
 SWITCH_INTERVAL_S = 0.001
 
 
-def tune_gc() -> None:
+def tune_interpreter() -> None:
     """Freeze start-up objects, raise the collector's thresholds (see GC_THRESHOLDS)
     and shorten the GIL switch interval (see SWITCH_INTERVAL_S)."""
     gc.collect()
@@ -172,7 +172,7 @@ def run_flow(settings: Settings, opts: RunOptions) -> int:
         metrics=monitor,
     )
     flow = build_flow(settings, flow_opts)
-    tune_gc()
+    tune_interpreter()
     previous: dict[int, Any] = {}
     if opts.install_signals and threading.current_thread() is threading.main_thread():
 
