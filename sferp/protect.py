@@ -34,7 +34,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -170,6 +170,25 @@ def _loads(text: str | bytes) -> Any:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
         return json.loads(raw)
+
+
+def map_tokens(node: Any, fn: Callable[[str, str], Any]) -> int:
+    """Replace each token value in a JSON document's objects by `fn(object key, token)`,
+    in place, at any depth; returns how many values changed."""
+    n = 0
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if is_token(v):
+                new = fn(k, v)
+                if new != v:
+                    node[k] = new
+                    n += 1
+            else:
+                n += map_tokens(v, fn)
+    elif isinstance(node, list):
+        for v in node:
+            n += map_tokens(v, fn)
+    return n
 
 
 def is_token(value: Any) -> bool:
@@ -342,19 +361,7 @@ class Protector:
         if PREFIX not in raw:
             return raw
         doc = _loads(raw)
-
-        def walk(d: Any) -> None:
-            if isinstance(d, dict):
-                for k, v in d.items():
-                    if is_token(v):
-                        d[k] = self.decrypt(v, "dead_letters", context, k)
-                    else:
-                        walk(v)
-            elif isinstance(d, list):
-                for v in d:
-                    walk(v)
-
-        walk(doc)
+        map_tokens(doc, lambda k, v: self.decrypt(v, "dead_letters", context, k))
         return _dumps(doc).decode()
 
     # -- the writer's delta and the Kafka records ----------------------------------------
@@ -642,24 +649,7 @@ def cli_decrypt(argv: list[str]) -> int:
 def _reencrypt_json_tokens(p: Protector, text: str, entity: str, key: str) -> tuple[str, int]:
     """A JSON object's token values re-encrypted (field = the object key); (text, count)."""
     doc = _loads(text)
-    n = 0
-
-    def walk(d: Any) -> None:
-        nonlocal n
-        if isinstance(d, dict):
-            for k, v in d.items():
-                if is_token(v):
-                    new = p.reencrypt(v, entity, key, k)
-                    if new != v:
-                        d[k] = new
-                        n += 1
-                else:
-                    walk(v)
-        elif isinstance(d, list):
-            for v in d:
-                walk(v)
-
-    walk(doc)
+    n = map_tokens(doc, lambda k, v: p.reencrypt(v, entity, key, k))
     return (_dumps(doc, sort=entity != "dead_letters").decode() if n else text), n
 
 
