@@ -100,7 +100,7 @@ def _pk_match(left: str, right: str, table: str) -> str:
 def _unnest_expr(col: str, ty: str, n: int, as_json: bool = False) -> str:
     """Expression that turns parameter $n into a typed column of the batch.
 
-    $n is a Python list, or with `as_json` the JSON text of that list (see `_Bound`).
+    $n is a Python list, or with `as_json` the JSON text of that list (see `bind_columns`).
     """
     if as_json:
         if ty == "TIMESTAMP":
@@ -114,6 +114,9 @@ def _unnest_expr(col: str, ty: str, n: int, as_json: bool = False) -> str:
     if ty == "JSON":
         return f"CAST(unnest(${n}::VARCHAR[]) AS JSON) AS {quote(col)}"
     return f"unnest(${n}::{ty}[]) AS {quote(col)}"
+
+
+_dumps = orjson.dumps
 
 
 def _json_default(value: Any) -> str:
@@ -136,9 +139,6 @@ def bind_columns(rows: Iterable[tuple[Any, ...]]) -> tuple[bool, list[Any]]:
         return True, [_dumps(col, default=_json_default).decode() for col in cols]
     except TypeError:  # orjson.JSONEncodeError is a TypeError
         return False, [list(col) for col in cols]
-
-
-_dumps = orjson.dumps
 
 
 class _Bulk:
