@@ -75,6 +75,11 @@ _FEW = 2000  # batches up to this many keys per table look up before-images by r
 # DuckDB connection settings of the writer: no file access beyond the database itself
 # (queries served by the writer cannot read or write other files).
 WRITER_CONFIG: dict[str, Any] = {"enable_external_access": False}
+# DuckDB's own default is 80 % of the machine's memory, kept as cache beside the
+# flow's state. Measured on a 1,000,000-record initial load (24 GB machine): peak
+# RSS 2.93 GB with DuckDB's default, 2.78 GB at 512 MB, 2.56 GB at 256 MB, in the
+# same time (DuckDB evicts table and index blocks to the file; queries spill).
+DEFAULT_MEMORY_LIMIT_MB = 256
 
 
 # Pending rows beyond which the worker commits inline instead of leaving it to
@@ -242,6 +247,7 @@ class DuckDBViewsSink(FixedPartitionedSink[ViewDelta, int]):
         undo: bool = True,
         audit: AuditSettings | None = None,
         protect: Any = None,
+        memory_limit_mb: int = DEFAULT_MEMORY_LIMIT_MB,
     ) -> None:
         """Store the settings; nothing is opened before `build_part`.
 
@@ -255,6 +261,7 @@ class DuckDBViewsSink(FixedPartitionedSink[ViewDelta, int]):
 
         `audit` keeps the `audit_log` table (connectors/audit_log.py); `protect` (a
         `sferp.protect.Protector`) encrypts the configured fields of each commit.
+        `memory_limit_mb` bounds DuckDB's memory in the writer's process (`views.memory_limit_mb`).
         """
         if commit_interval_s < 0:
             raise ValueError("commit_interval_s must be >= 0")
@@ -273,6 +280,7 @@ class DuckDBViewsSink(FixedPartitionedSink[ViewDelta, int]):
         self.undo = undo
         self.audit = audit
         self.protect = protect
+        self.memory_limit_mb = memory_limit_mb
 
     def list_parts(self) -> list[str]:
         """The single partition (when this process may write); built on exactly one worker."""
@@ -298,6 +306,7 @@ class DuckDBViewsSink(FixedPartitionedSink[ViewDelta, int]):
             undo=self.undo,
             audit=self.audit,
             protect=self.protect,
+            memory_limit_mb=self.memory_limit_mb,
         )
 
 
@@ -318,6 +327,7 @@ class ViewsWriterPartition(StatefulSinkPartition[ViewDelta, int]):
         undo: bool = True,
         audit: AuditSettings | None = None,
         protect: Any = None,
+        memory_limit_mb: int = DEFAULT_MEMORY_LIMIT_MB,
     ) -> None:
         """Open `path` read-write, recover it to `resume_state`, start the query endpoint."""
         self.path = path
@@ -336,7 +346,7 @@ class ViewsWriterPartition(StatefulSinkPartition[ViewDelta, int]):
         self._error: BaseException | None = None
         self._closed = False
         self.commits = 0  # commits made by this partition (for tests and metrics)
-        self._con = _connect_writer(path)
+        self._con = _connect_writer(path, memory_limit_mb)
         try:
             self._seq, self._base = self._open(resume_state)
         except BaseException:
@@ -602,7 +612,9 @@ class ViewsWriterPartition(StatefulSinkPartition[ViewDelta, int]):
             con.execute(bulk[as_json].upsert, columns)
 
 
-def _connect_writer(path: str, wait_s: float = 10.0) -> duckdb.DuckDBPyConnection:
+def _connect_writer(
+    path: str, memory_limit_mb: int = DEFAULT_MEMORY_LIMIT_MB, wait_s: float = 10.0
+) -> duckdb.DuckDBPyConnection:
     """Open the views file read-write, waiting up to `wait_s` for a reader to let go.
 
     `sferp query` on a stopped flow opens the file read-only for a moment; a flow
@@ -611,7 +623,8 @@ def _connect_writer(path: str, wait_s: float = 10.0) -> duckdb.DuckDBPyConnectio
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            return duckdb.connect(path, config=WRITER_CONFIG)
+            config = {**WRITER_CONFIG, "memory_limit": f"{memory_limit_mb}MB"}
+            return duckdb.connect(path, config=config)
         except duckdb.IOException as exc:
             if "lock" not in str(exc).lower() or time.monotonic() > deadline:
                 raise

@@ -315,6 +315,7 @@ def build_flow(settings: Settings, opts: FlowOptions) -> Dataflow:
         undo=opts.recovery,
         audit=audit,
         protect=protector,
+        memory_limit_mb=settings.views.memory_limit_mb,
     )
     op.output("views", deltas, probe.views_sink(views_sink) if probe else views_sink)
     if sf_api and settings.salesforce.writeback:

@@ -45,6 +45,7 @@ Out = list[tuple[str, tuple]]
 
 
 _CENT = Decimal("0.01")
+_NO_ORPHANS: frozenset[str] = frozenset()  # shared by every order without orphans (216 bytes each)
 
 
 def _lineage(**ids: str) -> dict[str, str]:
@@ -84,7 +85,8 @@ class OrderNode:
         self.erp: dict[str, ErpOrderFact] = {}  # live ERP orders naming this Id
         self.row: tuple | None = None  # last emitted order_status row
         self.mismatch = False
-        self.orphans: set[str] = set()  # order_no keys with an open orphan exception
+        # order_no keys with an open orphan exception (one shared empty set when none)
+        self.orphans: frozenset[str] | set[str] = _NO_ORPHANS
         self.handoff: int | None = None  # activated_at of the emitted candidate
         self.demand: dict[str, tuple[Decimal, bool]] = {}  # product -> (qty, has_items)
 
@@ -251,7 +253,7 @@ class OrdersStage:
             node.mismatch = mismatch
         # ORPHAN_ERP_ORDER: live ERP orders naming an Order that is not live
         if not live or node.orphans:
-            orphans = set() if live else set(erp)
+            orphans = _NO_ORPHANS if live or not erp else set(erp)
             for rk in orphans - node.orphans:
                 e = erp[rk]
                 exceptions.append(

@@ -104,9 +104,11 @@ class FlowSettings(_Section):
 
 
 class ViewSettings(_Section):
-    """Where the DuckDB views live."""
+    """Where the DuckDB views live, and how much memory DuckDB may keep for them."""
 
     path: str = "data/views.duckdb"
+    # DuckDB's memory_limit in the writer's process (DuckDB's default: 80 % of RAM).
+    memory_limit_mb: int = Field(256, ge=64)
 
 
 class MetricsSettings(_Section):

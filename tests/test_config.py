@@ -56,6 +56,7 @@ def test_env_list_setting():
         ("[flow]\ndedup_window_s = -1\n", "flow.dedup_window_s"),
         ("[kafka]\nstart = 'middle'\n", "kafka.start"),
         ("[kafka]\nbootstrap = 'no-port'\n", "kafka.bootstrap"),
+        ("[views]\nmemory_limit_mb = 8\n", "views.memory_limit_mb"),
         ("[kafka]\nsasl_password = 'hunter2'\n", "kafka.sasl_password"),
         ("not toml [", "TOML"),
     ],

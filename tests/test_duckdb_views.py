@@ -272,6 +272,22 @@ def test_commits_on_interval_snapshot_and_close(tmp_path: Path) -> None:
     assert {r[0] for r in read_tables(path)["flow_stats"]} == {"a", "b"}
 
 
+def test_duckdb_memory_is_bounded_by_the_setting(tmp_path: Path) -> None:
+    """DuckDB's own default (80 % of the machine) is replaced by `views.memory_limit_mb`."""
+    limit = "SELECT current_setting('memory_limit')"
+    w = ViewsWriterPartition(str(tmp_path / "a.duckdb"), None, serve_queries=False)
+    try:
+        assert w._con.execute(limit).fetchone()[0] == "244.1 MiB"  # 256 MB
+    finally:
+        w.close()
+    sink = DuckDBViewsSink(str(tmp_path / "b.duckdb"), memory_limit_mb=1024, serve_queries=False)
+    w = sink.build_part("views", "views", None)
+    try:
+        assert w._con.execute(limit).fetchone()[0] == "976.5 MiB"  # 1024 MB
+    finally:
+        w.close()
+
+
 def test_snapshot_without_undo_log_does_not_wait_for_the_commit(tmp_path: Path) -> None:
     # No recovery store: nothing resumes from the position, so the dataflow does not
     # stall on the commit; the flusher makes it within the interval.
