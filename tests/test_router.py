@@ -1,0 +1,86 @@
+"""The Kafka router (flows/reconcile.py `make_router`): partition clocks and ticks."""
+
+from __future__ import annotations
+
+from sferp.flows.reconcile import make_router
+from sferp.operators.decode import DecodeConfig, decode_batch
+from sferp.operators.facts import CHANGES, TICK
+from sferp.operators.routing import SHARDS
+
+from sferp.demo import generated_messages
+from sferp.events import Change
+from sferp.generator import DEFAULT_TOPICS, GeneratorConfig
+
+ROLES = {
+    DEFAULT_TOPICS["sf_cdc"]: "salesforce",
+    DEFAULT_TOPICS["erp_items"]: "items",
+    DEFAULT_TOPICS["erp_inventory"]: "inventory",
+    DEFAULT_TOPICS["erp_sales_orders"]: "sales_orders",
+}
+
+
+def _one_partition() -> list:
+    msgs = generated_messages(GeneratorConfig(orders=300, seed=3, partitions=1))
+    sf = [m for m in msgs if m.topic == DEFAULT_TOPICS["sf_cdc"]]
+    assert len(sf) > 500
+    return sf
+
+
+def _stamps(out: list) -> dict[tuple[int, str], int]:
+    """(offset, record key) of each change -> the clock stamp the router gave it."""
+    return {
+        (ch.offset, ch.key): stamp
+        for _, p in out
+        if p[0] == CHANGES
+        for ch, stamp in zip(p[2], p[3], strict=True)
+    }
+
+
+def test_stamps_carry_the_partition_clock_across_batches() -> None:
+    """A change's stamp is the largest event time its partition showed before it,
+    whichever batch that was in: what a shard decides with it cannot depend on
+    how the stream was cut into batches."""
+    cfg = DecodeConfig(topics=ROLES)
+    msgs = _one_partition()
+    whole = _stamps(make_router(cfg, live=False, max_future_skew_ms=0)(msgs))
+    route = make_router(cfg, live=False, max_future_skew_ms=0)
+    cut: dict[tuple[int, str], int] = {}
+    for i in range(0, len(msgs), 7):
+        cut.update(_stamps(route(msgs[i : i + 7])))
+    assert cut == whole
+    # and each stamp is the running maximum of event times up to its message
+    clock = -1
+    for o in decode_batch(msgs, cfg):
+        t = getattr(o, "event_time", None)
+        if t is not None:
+            clock = max(clock, t)
+        if type(o) is Change:
+            assert whole[(o.offset, o.key)] == clock
+    assert len(whole) > 500
+
+
+def test_ticks_go_to_every_shard_only_when_a_clock_enters_a_new_minute() -> None:
+    cfg = DecodeConfig(topics=ROLES)
+    msgs = _one_partition()
+    route = make_router(cfg, live=False, max_future_skew_ms=0)
+    batches = [msgs[i : i + 5] for i in range(0, len(msgs), 5)]
+    seen_minute: int | None = None
+    clock = -1
+    ticked_batches = 0
+    for batch in batches:
+        out = route(batch)
+        for o in decode_batch(batch, cfg):
+            t = getattr(o, "event_time", None)
+            if t is not None and t > clock:
+                clock = t
+        ticks = [(dest, p) for dest, p in out if p[0] == TICK]
+        minute = clock // 60_000 if clock >= 0 else None
+        if minute is not None and minute != seen_minute:
+            assert len(ticks) == SHARDS  # every merge shard hears of the new minute
+            assert {d for d, _ in ticks} == {f"m{i:02d}" for i in range(SHARDS)}
+            assert all(p[1] == {(batch[0].topic, 0): clock} for _, p in ticks)
+            seen_minute = minute
+            ticked_batches += 1
+        else:
+            assert ticks == []
+    assert 1 < ticked_batches < len(batches) // 2
