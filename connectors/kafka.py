@@ -9,7 +9,9 @@ delivery fails.
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -41,6 +43,11 @@ _OFFSETS_TIMEOUT_MS = 10_000
 _METADATA_TIMEOUT_MS = 10_000
 _IDLE_BACKOFF_MAX = timedelta(milliseconds=50)
 _PARTITION_CACHE = 200_000  # keys per topic whose partition is remembered
+# A partition known to hold unread records that brings none for this long gets a
+# new consumer at its position (see `_KafkaPartition`).
+STALL_S = 60.0
+
+log = logging.getLogger("sferp.kafka")
 
 # Next offset to read of every partition read in this process, for progress
 # and lag reporting. One dict store per fetched batch.
@@ -186,7 +193,16 @@ def read_positions() -> dict[tuple[str, int], int]:
 
 
 class _KafkaPartition(StatefulSourcePartition[list[RawMessage], int]):
-    """One topic partition, read by its own manually assigned consumer."""
+    """One topic partition, read by its own manually assigned consumer.
+
+    A stall watchdog: when the partition is known to hold unread records (below
+    the bounded end, or below the high watermark of the last fetch) and polls
+    have brought none for `stall_s`, `reopen` opens a new consumer at the next
+    offset to read and the old one is closed (if no new one can be opened, the
+    old one stays and the check repeats). A bounded benchmark run once sat idle
+    with every partition behind while the broker served other clients; a new
+    consumer reads on from the same offset, so nothing is lost or read twice.
+    """
 
     def __init__(
         self,
@@ -196,6 +212,8 @@ class _KafkaPartition(StatefulSourcePartition[list[RawMessage], int]):
         end: int | None,
         batch_size: int,
         stop_event: threading.Event | None,
+        reopen: Callable[[int], KafkaConsumer] | None = None,
+        stall_s: float = STALL_S,
     ) -> None:
         self._consumer = consumer
         self._tp = tp
@@ -206,6 +224,10 @@ class _KafkaPartition(StatefulSourcePartition[list[RawMessage], int]):
         self._stop = stop_event
         self._idle = timedelta(0)
         self._awake: datetime | None = None
+        self._reopen = reopen
+        self._stall_s = stall_s
+        self._last_data = time.monotonic()
+        self.reopened = 0  # consumers replaced by the stall watchdog
         _POSITIONS[self._key] = offset
 
     def next_batch(self) -> list[list[RawMessage]]:
@@ -230,6 +252,7 @@ class _KafkaPartition(StatefulSourcePartition[list[RawMessage], int]):
             _POSITIONS[self._key] = self._offset
             self._awake = None
             self._idle = timedelta(0)
+            self._last_data = time.monotonic()
             return [batch]
 
         # Nothing buffered. The consumer's position may still move past
@@ -250,10 +273,42 @@ class _KafkaPartition(StatefulSourcePartition[list[RawMessage], int]):
             and self._consumer.highwater(self._tp) is not None
         ):
             raise StopIteration
+        if self._reopen is not None and time.monotonic() - self._last_data > self._stall_s:
+            self._check_stall()
         # Back off while idle (1, 2, 4 ... 50 ms) so idle partitions do not spin.
         self._idle = min(max(self._idle * 2, timedelta(milliseconds=1)), _IDLE_BACKOFF_MAX)
         self._awake = datetime.now(UTC) + self._idle
         return []
+
+    def _check_stall(self) -> None:
+        """Replace the consumer when records wait but none came for `stall_s`."""
+        self._last_data = time.monotonic()  # next check one period from now
+        highwater = self._consumer.highwater(self._tp)
+        behind = (self._end is not None and self._offset < self._end) or (
+            highwater is not None and highwater > self._offset
+        )
+        if not behind or self._reopen is None:
+            return
+        log.warning(
+            "kafka: %s[%d] brought no records for %.0f s while records wait at offset %d "
+            "(end %s); reading on with a new consumer",
+            self._tp.topic,
+            self._tp.partition,
+            self._stall_s,
+            self._offset,
+            self._end if self._end is not None else highwater,
+        )
+        try:
+            new = self._reopen(self._offset)
+        except KafkaConnectorError as exc:  # broker unreachable: keep waiting, retry later
+            log.warning("kafka: cannot open a new consumer yet: %s", exc)
+            return
+        old, self._consumer = self._consumer, new
+        self.reopened += 1
+        try:
+            old.close()
+        except Exception:  # noqa: BLE001 - the old consumer is abandoned either way
+            log.debug("kafka: closing the stalled consumer failed", exc_info=True)
 
     def next_awake(self) -> datetime | None:
         return self._awake
@@ -297,6 +352,7 @@ class KafkaSource(FixedPartitionedSource[list[RawMessage], int]):
         batch_size: int = 8000,
         client_config: dict[str, Any] | None = None,
         stop_event: threading.Event | None = None,
+        stall_s: float = STALL_S,
     ) -> None:
         """Validate and store settings; nothing connects until the dataflow runs.
 
@@ -309,6 +365,8 @@ class KafkaSource(FixedPartitionedSource[list[RawMessage], int]):
         :arg client_config: kafka-python settings passed through (security_protocol,
             sasl_*, ssl_*, and any consumer setting to override ours).
         :arg stop_event: when set, every partition ends at its next call.
+        :arg stall_s: a partition with records waiting that brings none for this
+            long reads on with a new consumer (`_KafkaPartition`).
         """
         if isinstance(topics, str):
             raise TypeError("topics must be a list of topic names, not a string")
@@ -322,6 +380,8 @@ class KafkaSource(FixedPartitionedSource[list[RawMessage], int]):
             raise ValueError(f"start must be 'earliest' or 'latest', got {start!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if stall_s <= 0:
+            raise ValueError(f"stall_s must be > 0, got {stall_s}")
         if not bootstrap:
             raise ValueError("bootstrap must name at least one broker")
         self._bootstrap = bootstrap
@@ -333,6 +393,7 @@ class KafkaSource(FixedPartitionedSource[list[RawMessage], int]):
             client_config or {}, KafkaConsumer.DEFAULT_CONFIG, "consumer"
         )
         self._stop_event = stop_event
+        self._stall_s = stall_s
 
     def list_parts(self) -> list[str]:
         """Every partition of every topic; a missing topic is an error."""
@@ -350,20 +411,8 @@ class KafkaSource(FixedPartitionedSource[list[RawMessage], int]):
                 f"the configured topics {self._topics}"
             )
         tp = TopicPartition(topic, int(part))
-        # About one batch of typical (~1 KB) messages per fetch: few round trips, bounded memory.
-        fetch_bytes = max(1 << 20, min(self._batch_size * 1024, 8 << 20))
-        consumer = _open_consumer(
-            self._bootstrap,
-            self._client_config,
-            auto_offset_reset="earliest",  # a resume offset lost to retention
-            max_poll_records=self._batch_size,
-            max_partition_fetch_bytes=fetch_bytes,
-            fetch_max_bytes=max(fetch_bytes, 50 << 20),
-            fetch_max_wait_ms=200,
-        )
-        install_fast_reader(consumer)  # RawMessages straight from v2 batches
+        consumer = self._consumer(tp)
         try:
-            consumer.assign([tp])
             end = None
             if resume_state is not None:
                 offset = resume_state
@@ -382,7 +431,32 @@ class KafkaSource(FixedPartitionedSource[list[RawMessage], int]):
         except BaseException:
             consumer.close()
             raise
-        return _KafkaPartition(consumer, tp, offset, end, self._batch_size, self._stop_event)
+
+        def reopen(at: int) -> KafkaConsumer:
+            fresh = self._consumer(tp)
+            fresh.seek(tp, at)
+            return fresh
+
+        return _KafkaPartition(
+            consumer, tp, offset, end, self._batch_size, self._stop_event, reopen, self._stall_s
+        )
+
+    def _consumer(self, tp: TopicPartition) -> KafkaConsumer:
+        """A consumer of `tp` alone, with the source's fetch settings."""
+        # About one batch of typical (~1 KB) messages per fetch: few round trips, bounded memory.
+        fetch_bytes = max(1 << 20, min(self._batch_size * 1024, 8 << 20))
+        consumer = _open_consumer(
+            self._bootstrap,
+            self._client_config,
+            auto_offset_reset="earliest",  # a resume offset lost to retention
+            max_poll_records=self._batch_size,
+            max_partition_fetch_bytes=fetch_bytes,
+            fetch_max_bytes=max(fetch_bytes, 50 << 20),
+            fetch_max_wait_ms=200,
+        )
+        install_fast_reader(consumer)  # RawMessages straight from v2 batches
+        consumer.assign([tp])
+        return consumer
 
 
 class _KafkaSinkPartition(StatelessSinkPartition[SinkItem]):

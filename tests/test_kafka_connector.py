@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -586,3 +587,40 @@ def test_source_throughput_close_to_a_plain_consumer(broker, topics):
         f"({rates['source_cpu']:,.0f}/CPU-s)"
     )
     assert rates["source"] >= 0.35 * rates["plain"]
+
+
+@pytest.mark.parametrize("bounded", [True, False])
+def test_a_stalled_consumer_is_replaced_and_reading_goes_on(broker, topics, caplog, bounded):
+    """A consumer that stops fetching while records wait (the partition below the
+    bounded end, or below the last fetch's high watermark) is replaced by a new
+    one at the next offset: every record is read once, in order."""
+    topic = topics({"stall": 1})["stall"]
+    offsets = produce_one_by_one(broker.bootstrap, topic, 0, [b"%d" % i for i in range(120)])
+    assert offsets == list(range(120))
+    source = KafkaSource(broker.bootstrap, [topic], bounded=bounded, batch_size=40, stall_s=0.5)
+    part = source.build_part("s", f"{topic}#0", None)
+    first = poll_until(part, 1)
+    assert len(first) <= 40
+    # Wedge it as observed: still assigned, but no fetch brings anything any more.
+    part._consumer.pause(TopicPartition(topic, 0))
+    with caplog.at_level(logging.WARNING, logger="sferp.kafka"):
+        rest = drain(part, 15) if bounded else poll_until(part, 120 - len(first), 15)
+    part.close()
+    assert part.reopened == 1
+    assert "reading on with a new consumer" in caplog.text
+    assert [m.offset for m in first + rest] == list(range(120))
+    assert [m.value for m in first + rest] == [b"%d" % i for i in range(120)]
+
+
+def test_a_caught_up_partition_keeps_its_consumer(broker, topics):
+    """Nothing waits, so a long silence is no stall."""
+    topic = topics({"quiet": 1})["quiet"]
+    produce_one_by_one(broker.bootstrap, topic, 0, [b"a", b"b"])
+    part = KafkaSource(broker.bootstrap, [topic], stall_s=0.2).build_part("s", f"{topic}#0", None)
+    assert [m.value for m in poll_until(part, 2)] == [b"a", b"b"]
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        assert part.next_batch() == []
+        time.sleep(0.02)
+    part.close()
+    assert part.reopened == 0
