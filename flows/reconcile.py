@@ -128,7 +128,7 @@ def make_router(cfg: DecodeConfig, *, live: bool, max_future_skew_ms: int) -> An
             out.extend((dest, (TICK, clocks)) for dest in _TICK_SHARDS)
         if stats or clocks:
             top = max(clocks.values()) if clocks else None
-            gi = GlobalInput(stats, top, dead, {}, [], [], [])
+            gi = GlobalInput(stats, top, dead, {}, [], [], [], clocks)
             out.append((GLOBAL, (GLOBAL_IN, gi)))
         return out
 

@@ -137,6 +137,9 @@ class GlobalInput(NamedTuple):
     exceptions: list[ExceptionFact]
     handoffs: list[HandoffCandidate]
     kafka: list[tuple[str, bytes, bytes | None]]  # (topic, key, value) ready to send
+    # partition -> its clock after this decode batch (for the metrics probe: the
+    # router ticks the merge shards only when a clock enters a new minute)
+    clocks: dict[tuple[str, int], int] | None = None
 
 
 def empty_global() -> GlobalInput:

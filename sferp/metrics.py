@@ -66,7 +66,7 @@ from sferp.connectors.duckdb_schema import TABLES
 from sferp.connectors.kafka import end_offsets, read_positions
 from sferp.connectors.query_server import TOKEN_HEADER, endpoint_path
 from sferp.events import RawMessage
-from sferp.operators.facts import TICK
+from sferp.operators.facts import GLOBAL_IN, TICK
 
 log = logging.getLogger("sferp.metrics")
 
@@ -326,13 +326,17 @@ class Monitor:
                     pending.append((cum, now))
 
     def on_routed(self, _step_id: str, item: tuple[str, tuple]) -> None:
-        """Follow the partition clocks the decode step sends to the merge shards."""
+        """Follow the partition clocks of each decode batch (ticks, or the coordinator's input)."""
         payload = item[1]
-        if payload[0] != TICK:
+        if payload[0] == TICK:
+            clocks = payload[1]
+        elif payload[0] == GLOBAL_IN and payload[1].clocks:
+            clocks = payload[1].clocks
+        else:
             return
         with self._lock:
             ev = self._event_ms
-            for (topic, _part), ms in payload[1].items():
+            for (topic, _part), ms in clocks.items():
                 if ms > ev.get(topic, -1):
                     ev[topic] = ms
 

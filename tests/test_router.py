@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sferp.flows.reconcile import make_router
 from sferp.operators.decode import DecodeConfig, decode_batch
-from sferp.operators.facts import CHANGES, TICK
+from sferp.operators.facts import CHANGES, GLOBAL_IN, TICK
 from sferp.operators.routing import SHARDS
 
 from sferp.demo import generated_messages
@@ -74,6 +74,9 @@ def test_ticks_go_to_every_shard_only_when_a_clock_enters_a_new_minute() -> None
             if t is not None and t > clock:
                 clock = t
         ticks = [(dest, p) for dest, p in out if p[0] == TICK]
+        # every batch tells the coordinator's input (and the metrics probe) its clocks
+        (gi,) = [p[1] for dest, p in out if p[0] == GLOBAL_IN]
+        assert gi.clocks == ({(batch[0].topic, 0): clock} if clock >= 0 else {})
         minute = clock // 60_000 if clock >= 0 else None
         if minute is not None and minute != seen_minute:
             assert len(ticks) == SHARDS  # every merge shard hears of the new minute
