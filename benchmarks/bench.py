@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -458,7 +459,7 @@ class Bench:
 
         views = {k: self.work / f"{k}.duckdb" for k in ("sferp_1w", "sferp_w2", "sferp_2p")}
 
-        def fresh(path: Path) -> Any:
+        def fresh(path: Path) -> Callable[[], None]:
             # Every run starts from no views file, as the first does: a run without
             # a recovery store would otherwise spend its start emptying the last one.
             def remove() -> None:

@@ -63,6 +63,7 @@ from sferp.connectors.duckdb_schema import (
     schema_problems,
 )
 from sferp.connectors.query_server import QueryServer
+from sferp.operators.numbers import decimal_text
 
 RowValue = str | int | bool | Decimal | float | None
 ViewDelta = dict[str, dict[tuple[RowValue, ...], tuple[RowValue, ...] | None]]
@@ -124,12 +125,6 @@ def _unnest_expr(col: str, ty: str, n: int, as_json: bool = False) -> str:
 _dumps = orjson.dumps
 
 
-def _json_default(value: Any) -> str:
-    if type(value) is Decimal:
-        return str(value)
-    raise TypeError
-
-
 def bind_columns(rows: Iterable[tuple[Any, ...]]) -> tuple[bool, list[Any]]:
     """Column parameters of a batch: `(True, JSON texts)`, else `(False, lists)`.
 
@@ -141,7 +136,7 @@ def bind_columns(rows: Iterable[tuple[Any, ...]]) -> tuple[bool, list[Any]]:
     """
     cols = list(zip(*rows, strict=True))
     try:
-        return True, [_dumps(col, default=_json_default).decode() for col in cols]
+        return True, [_dumps(col, default=decimal_text).decode() for col in cols]
     except TypeError:  # orjson.JSONEncodeError is a TypeError
         return False, [list(col) for col in cols]
 

@@ -274,20 +274,20 @@ class _KafkaPartition(StatefulSourcePartition[list[RawMessage], int]):
         ):
             raise StopIteration
         if self._reopen is not None and time.monotonic() - self._last_data > self._stall_s:
-            self._check_stall()
+            self._check_stall(self._reopen)
         # Back off while idle (1, 2, 4 ... 50 ms) so idle partitions do not spin.
         self._idle = min(max(self._idle * 2, timedelta(milliseconds=1)), _IDLE_BACKOFF_MAX)
         self._awake = datetime.now(UTC) + self._idle
         return []
 
-    def _check_stall(self) -> None:
+    def _check_stall(self, reopen: Callable[[int], KafkaConsumer]) -> None:
         """Replace the consumer when records wait but none came for `stall_s`."""
         self._last_data = time.monotonic()  # next check one period from now
         highwater = self._consumer.highwater(self._tp)
         behind = (self._end is not None and self._offset < self._end) or (
             highwater is not None and highwater > self._offset
         )
-        if not behind or self._reopen is None:
+        if not behind:
             return
         log.warning(
             "kafka: %s[%d] brought no records for %.0f s while records wait at offset %d "
@@ -299,7 +299,7 @@ class _KafkaPartition(StatefulSourcePartition[list[RawMessage], int]):
             self._end if self._end is not None else highwater,
         )
         try:
-            new = self._reopen(self._offset)
+            new = reopen(self._offset)
         except KafkaConnectorError as exc:  # broker unreachable: keep waiting, retry later
             log.warning("kafka: cannot open a new consumer yet: %s", exc)
             return

@@ -12,13 +12,13 @@ import heapq
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Any
 
 import orjson
 
 from .facts import ExceptionFact, GlobalInput, HandoffCandidate
 from .merge import APPLIED, CONSUMED, DEAD, DUPLICATES, IGNORED, LATE
+from .numbers import decimal_text
 
 ORDER_COLUMNS = (
     "sf_order_id",
@@ -74,19 +74,13 @@ def iso(ms: int | None) -> str | None:
     return f"{prefix}.{milli:03d}Z"
 
 
-def _json_default(v: Any) -> Any:
-    if isinstance(v, Decimal):
-        return str(v)
-    raise TypeError(type(v).__name__)
-
-
 def row_json(columns: tuple[str, ...], row: tuple, lineage: dict[str, str]) -> bytes:
     """A view row as the JSON value of a reconciled.* record (decimals as strings)."""
     doc = dict(zip(columns, row, strict=False))
     for name in _TIMESTAMPS.intersection(doc):
         doc[name] = iso(doc[name])
     doc["lineage"] = lineage
-    return orjson.dumps(doc, default=_json_default)
+    return orjson.dumps(doc, default=decimal_text)
 
 
 class CoordinatorState:

@@ -9,6 +9,13 @@ ZERO = Decimal(0)
 CENT = Decimal("0.01")
 
 
+def decimal_text(value: Any) -> str:
+    """orjson's `default` for decimals: their exact text (orjson writes no Decimal)."""
+    if type(value) is Decimal:
+        return str(value)
+    raise TypeError(type(value).__name__)
+
+
 def to_decimal(value: Any) -> Decimal | None:
     """The exact decimal of a stored JSON value; None for null or non-numbers.
 
