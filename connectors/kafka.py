@@ -21,6 +21,7 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 from kafka.partitioner.default import murmur2
+from sferp.connectors.kafka_records import fetch_pending
 from sferp.connectors.kafka_records import install as install_fast_reader
 
 from sferp.events import RawMessage
@@ -214,6 +215,7 @@ class _KafkaPartition(StatefulSourcePartition[list[RawMessage], int]):
         stop_event: threading.Event | None,
         reopen: Callable[[int], KafkaConsumer] | None = None,
         stall_s: float = STALL_S,
+        linger_ms: int = 0,
     ) -> None:
         self._consumer = consumer
         self._tp = tp
@@ -228,13 +230,23 @@ class _KafkaPartition(StatefulSourcePartition[list[RawMessage], int]):
         self._stall_s = stall_s
         self._last_data = time.monotonic()
         self.reopened = 0  # consumers replaced by the stall watchdog
+        self._linger_s = linger_ms / 1000
+        self._pending: list[RawMessage] = []  # read, not yet emitted (linger)
+        self._due = 0.0  # wall-clock time at which `_pending` goes out
         _POSITIONS[self._key] = offset
 
     def next_batch(self) -> list[list[RawMessage]]:
         if self._stop is not None and self._stop.is_set():
+            if self._pending:  # what was read goes out before the end
+                return [self._release()]
             raise StopIteration
+        want = self._batch_size - len(self._pending)
         try:
-            records = self._consumer.poll(timeout_ms=0, max_records=self._batch_size).get(self._tp)
+            records = (
+                None  # the fetch in flight has not answered: a poll would only cost
+                if fetch_pending(self._consumer)
+                else self._consumer.poll(timeout_ms=0, max_records=want).get(self._tp)
+            )
         except KafkaError as exc:
             raise KafkaConnectorError(
                 f"error reading {self._tp.topic}[{self._tp.partition}] at offset "
@@ -248,12 +260,19 @@ class _KafkaPartition(StatefulSourcePartition[list[RawMessage], int]):
                 batch = [
                     RawMessage(topic, part, r.offset, r.key, r.value, r.timestamp) for r in records
                 ]
+            self._last_data = time.monotonic()
+            if self._linger_s:
+                return self._linger(batch)
             self._offset = records[-1].offset + 1
             _POSITIONS[self._key] = self._offset
             self._awake = None
             self._idle = timedelta(0)
-            self._last_data = time.monotonic()
             return [batch]
+        if self._pending:
+            if time.time() >= self._due:
+                return [self._release()]
+            self._back_off()
+            return []
 
         # Nothing buffered. The consumer's position may still move past
         # offsets that hold no records (transaction markers, compacted gaps).
@@ -275,10 +294,44 @@ class _KafkaPartition(StatefulSourcePartition[list[RawMessage], int]):
             raise StopIteration
         if self._reopen is not None and time.monotonic() - self._last_data > self._stall_s:
             self._check_stall(self._reopen)
-        # Back off while idle (1, 2, 4 ... 50 ms) so idle partitions do not spin.
-        self._idle = min(max(self._idle * 2, timedelta(milliseconds=1)), _IDLE_BACKOFF_MAX)
-        self._awake = datetime.now(UTC) + self._idle
+        self._back_off()
         return []
+
+    def _back_off(self) -> None:
+        """Poll again in 1, 2, 4 ... 50 ms (idle partitions do not spin), or when pending is due."""
+        self._idle = min(max(self._idle * 2, timedelta(milliseconds=1)), _IDLE_BACKOFF_MAX)
+        awake = datetime.now(UTC) + self._idle
+        if self._pending:
+            awake = min(awake, datetime.fromtimestamp(self._due, UTC))
+        self._awake = awake
+
+    def _linger(self, batch: list[RawMessage]) -> list[list[RawMessage]]:
+        """Hold live records until the next linger slot (or a full batch), then emit them.
+
+        Slots are aligned to the wall clock (multiples of the linger), so the
+        partitions of every worker emit in the same activation: the stages then
+        see a few large batches instead of one small batch per fetch.
+        """
+        now = time.time()
+        if self._pending:
+            self._pending.extend(batch)
+        else:
+            self._pending = batch
+            self._due = (now // self._linger_s + 1) * self._linger_s
+        if len(self._pending) >= self._batch_size or now >= self._due:
+            return [self._release()]
+        self._idle = timedelta(0)
+        self._back_off()
+        return []
+
+    def _release(self) -> list[RawMessage]:
+        """Emit what lingered: the snapshot offset moves past it only now."""
+        out, self._pending = self._pending, []
+        self._offset = out[-1].offset + 1
+        _POSITIONS[self._key] = self._offset
+        self._awake = None
+        self._idle = timedelta(0)
+        return out
 
     def _check_stall(self, reopen: Callable[[int], KafkaConsumer]) -> None:
         """Replace the consumer when records wait but none came for `stall_s`."""
@@ -353,6 +406,7 @@ class KafkaSource(FixedPartitionedSource[list[RawMessage], int]):
         client_config: dict[str, Any] | None = None,
         stop_event: threading.Event | None = None,
         stall_s: float = STALL_S,
+        linger_ms: int = 0,
     ) -> None:
         """Validate and store settings; nothing connects until the dataflow runs.
 
@@ -367,6 +421,9 @@ class KafkaSource(FixedPartitionedSource[list[RawMessage], int]):
         :arg stop_event: when set, every partition ends at its next call.
         :arg stall_s: a partition with records waiting that brings none for this
             long reads on with a new consumer (`_KafkaPartition`).
+        :arg linger_ms: live reading: hold what a partition read until the next
+            multiple of this many ms on the wall clock (or a full batch), so
+            downstream steps get fewer, larger batches; 0 emits every fetch.
         """
         if isinstance(topics, str):
             raise TypeError("topics must be a list of topic names, not a string")
@@ -382,6 +439,8 @@ class KafkaSource(FixedPartitionedSource[list[RawMessage], int]):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if stall_s <= 0:
             raise ValueError(f"stall_s must be > 0, got {stall_s}")
+        if linger_ms < 0:
+            raise ValueError(f"linger_ms must be >= 0, got {linger_ms}")
         if not bootstrap:
             raise ValueError("bootstrap must name at least one broker")
         self._bootstrap = bootstrap
@@ -394,6 +453,7 @@ class KafkaSource(FixedPartitionedSource[list[RawMessage], int]):
         )
         self._stop_event = stop_event
         self._stall_s = stall_s
+        self._linger_ms = 0 if bounded else linger_ms
 
     def list_parts(self) -> list[str]:
         """Every partition of every topic; a missing topic is an error."""
@@ -438,7 +498,15 @@ class KafkaSource(FixedPartitionedSource[list[RawMessage], int]):
             return fresh
 
         return _KafkaPartition(
-            consumer, tp, offset, end, self._batch_size, self._stop_event, reopen, self._stall_s
+            consumer,
+            tp,
+            offset,
+            end,
+            self._batch_size,
+            self._stop_event,
+            reopen,
+            self._stall_s,
+            self._linger_ms,
         )
 
     def _consumer(self, tp: TopicPartition) -> KafkaConsumer:

@@ -27,7 +27,7 @@ from kafka.record.default_records import DefaultRecordBase
 
 from sferp.events import RawMessage
 
-__all__ = ["install", "parse_records"]
+__all__ = ["fetch_pending", "install", "parse_records"]
 
 log = logging.getLogger("sferp.kafka")
 
@@ -186,3 +186,26 @@ def install(consumer: Any) -> bool:
         return False
     fetcher.PartitionRecords = _FastPartitionRecords
     return True
+
+
+def fetch_pending(consumer: Any) -> bool:
+    """True when a poll of `consumer` could bring nothing: a fetch is in flight and nothing
+    fetched waits to be read.
+
+    kafka-python 3.0 runs its network on an I/O thread, and every `poll` hands
+    work to that thread and waits for it, twice when nothing is buffered
+    (about 200 µs of CPU per poll here, measured). A live partition polled
+    between fetch responses paid that for nothing, dozens of times per
+    response. Reads only what the fetcher exposes; False (poll) when its
+    internals differ from those this was written against.
+    """
+    f = getattr(consumer, "_fetcher", None)
+    try:
+        return bool(f._nodes_with_pending_fetch_requests) and not (  # type: ignore[union-attr]
+            f._completed_fetches  # type: ignore[union-attr]
+            or f._next_partition_records  # type: ignore[union-attr]
+            or f._paused_completed_fetches  # type: ignore[union-attr]
+            or f._paused_partition_records  # type: ignore[union-attr]
+        )
+    except AttributeError:
+        return False

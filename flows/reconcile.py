@@ -221,6 +221,7 @@ def build_flow(settings: Settings, opts: FlowOptions) -> Dataflow:
         batch_size=fs.batch_size,
         client_config=client_config,
         stop_event=opts.stop_event,
+        linger_ms=fs.linger_ms,
     )
     raw = op.input("kafka_in", flow, source)
     routed = op.flat_map(

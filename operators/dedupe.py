@@ -9,6 +9,7 @@ decides exactly as the first run did.
 
 from __future__ import annotations
 
+import heapq
 from hashlib import blake2b
 
 Partition = tuple[str, int]
@@ -27,12 +28,28 @@ class DedupWindow:
     `bytes_per_identity`).
     """
 
-    __slots__ = ("window_ms", "seen", "buckets")
+    __slots__ = ("window_ms", "seen", "buckets", "heaps")
 
     def __init__(self, window_ms: int) -> None:
         self.window_ms = window_ms
         self.seen: dict[int, int] = {}  # hash -> event time (ms)
         self.buckets: dict[Partition, dict[int, list[int]]] = {}  # partition -> minute -> hashes
+        # partition -> its bucket minutes as a min-heap: `expire` touches only what
+        # expires (live batches are small and many; a scan of every bucket each was not).
+        self.heaps: dict[Partition, list[int]] = {}
+
+    def __getstate__(self) -> tuple:
+        return (None, {"window_ms": self.window_ms, "seen": self.seen, "buckets": self.buckets})
+
+    def __setstate__(self, state: tuple) -> None:
+        """Load a pickled window; the heaps are rebuilt from the buckets."""
+        for name, value in state[1].items():
+            setattr(self, name, value)
+        self.heaps = {}
+        for tp, minutes in self.buckets.items():
+            heap = list(minutes)
+            heapq.heapify(heap)
+            self.heaps[tp] = heap
 
     def __len__(self) -> int:
         return len(self.seen)
@@ -49,9 +66,12 @@ class DedupWindow:
         minutes = self.buckets.get(tp)
         if minutes is None:
             minutes = self.buckets[tp] = {}
-        bucket = minutes.get(event_time_ms // 60_000)
+            self.heaps[tp] = []
+        minute = event_time_ms // 60_000
+        bucket = minutes.get(minute)
         if bucket is None:
-            minutes[event_time_ms // 60_000] = [h]
+            minutes[minute] = [h]
+            heapq.heappush(self.heaps[tp], minute)
         else:
             bucket.append(h)
         return False
@@ -60,6 +80,8 @@ class DedupWindow:
         """Forget identities whose minute lies wholly more than the window behind their
         partition's clock; return how many were dropped."""
         dropped = 0
+        heaps = self.heaps
+        seen = self.seen
         for tp, minutes in self.buckets.items():
             clock = clocks.get(tp)
             if clock is None:
@@ -67,11 +89,12 @@ class DedupWindow:
             # Minute m holds event times < (m + 1) * 60 s; all of them have expired
             # once clock > (m + 1) * 60 s + window.
             limit = (clock - self.window_ms) // 60_000 - 1
-            old = [m for m in minutes if m <= limit] if minutes else []
-            for m in old:
+            heap = heaps[tp]
+            while heap and heap[0] <= limit:
+                m = heapq.heappop(heap)
                 for h in minutes.pop(m):
-                    t = self.seen.get(h)
+                    t = seen.get(h)
                     if t is not None and t // 60_000 == m:
-                        del self.seen[h]
+                        del seen[h]
                         dropped += 1
         return dropped

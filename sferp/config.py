@@ -101,6 +101,9 @@ class FlowSettings(_Section):
     max_fields: int = Field(1000, ge=1)  # fields of one event body or row image (too_many_fields)
     snapshot_interval_s: float = Field(5, gt=0)
     batch_size: int = Field(8000, ge=1)
+    # Live reading: each partition's records wait for the next multiple of this on the wall
+    # clock, so all partitions hand over together (fewer, larger batches; README "Performance").
+    linger_ms: int = Field(100, ge=0, le=10_000)
 
 
 class ViewSettings(_Section):

@@ -57,6 +57,7 @@ def test_env_list_setting():
         ("[kafka]\nstart = 'middle'\n", "kafka.start"),
         ("[kafka]\nbootstrap = 'no-port'\n", "kafka.bootstrap"),
         ("[views]\nmemory_limit_mb = 8\n", "views.memory_limit_mb"),
+        ("[flow]\nlinger_ms = -5\n", "flow.linger_ms"),
         ("[kafka]\nsasl_password = 'hunter2'\n", "kafka.sasl_password"),
         ("not toml [", "TOML"),
     ],

@@ -624,3 +624,107 @@ def test_a_caught_up_partition_keeps_its_consumer(broker, topics):
         time.sleep(0.02)
     part.close()
     assert part.reopened == 0
+
+
+# -- live linger ---------------------------------------------------------------
+
+
+def test_live_linger_hands_partitions_over_together_at_slot_boundaries(broker, topics):
+    """With a linger, each partition holds what it read until the next multiple of the
+    linger on the wall clock: the partitions release in the same slot, every record
+    once and in order, and a snapshot never counts records still held."""
+    topic = topics({"linger": 3})["linger"]
+    sent = produce(broker.bootstrap, topic, [(i % 3, None, b"%d" % i) for i in range(300)])
+    linger_s = 0.4
+    source = KafkaSource(broker.bootstrap, [topic], linger_ms=int(linger_s * 1000))
+    parts = [source.build_part("s", f"{topic}#{p}", None) for p in range(3)]
+    got: dict[int, list] = {0: [], 1: [], 2: []}
+    released: dict[int, list[float]] = {0: [], 1: [], 2: []}
+    held_snapshots = []
+    while time.time() % linger_s > 0.05:  # start just after a slot boundary
+        time.sleep(0.005)
+    start = time.time()
+    deadline = time.monotonic() + 15
+    while sum(len(v) for v in got.values()) < 300:
+        assert time.monotonic() < deadline, "records were held too long"
+        for p, part in enumerate(parts):
+            for batch in part.next_batch():
+                released[p].append(time.time())
+                got[p].extend(batch)
+            if part._pending:
+                held_snapshots.append(part.snapshot() == (got[p][-1].offset + 1 if got[p] else 0))
+        time.sleep(0.001)
+    for part in parts:
+        part.close()
+    for p in range(3):
+        assert [(m.partition, m.offset) for m in got[p]] == sorted(k for k in sent if k[0] == p)
+    slots = {int(t // linger_s) for times in released.values() for t in times}
+    assert min(min(t) for t in released.values()) >= (start // linger_s + 1) * linger_s
+    assert len(slots) == 1, f"partitions released in different slots: {released}"
+    assert held_snapshots and all(held_snapshots)
+
+
+def test_live_linger_releases_a_full_batch_at_once_and_everything_at_stop(broker, topics):
+    topic = topics({"full": 1})["full"]
+    produce_one_by_one(broker.bootstrap, topic, 0, [b"%d" % i for i in range(50)])
+    stop = threading.Event()
+    source = KafkaSource(
+        broker.bootstrap, [topic], linger_ms=10_000, batch_size=40, stop_event=stop
+    )
+    part = source.build_part("s", f"{topic}#0", None)
+    started = time.monotonic()
+    first = poll_until(part, 40)
+    assert len(first) == 40 and time.monotonic() - started < 5  # a full batch does not wait
+    while len(part._pending) < 10:  # the rest is read and held for the 10 s slot
+        assert time.monotonic() - started < 10
+        assert part.next_batch() == []
+        time.sleep(0.005)
+    assert part.snapshot() == 40
+    stop.set()
+    rest = part.next_batch()
+    with pytest.raises(StopIteration):
+        part.next_batch()
+    part.close()
+    assert [m.offset for m in first + rest[0]] == list(range(50))
+    assert part.snapshot() == 50
+
+
+def test_bounded_reading_never_lingers(broker, topics):
+    topic = topics({"nolinger": 1})["nolinger"]
+    produce_one_by_one(broker.bootstrap, topic, 0, [b"a", b"b", b"c"])
+    source = KafkaSource(broker.bootstrap, [topic], bounded=True, linger_ms=10_000)
+    part = source.build_part("s", f"{topic}#0", None)
+    started = time.monotonic()
+    assert [m.value for m in drain(part)] == [b"a", b"b", b"c"]
+    assert time.monotonic() - started < 5
+
+
+def test_fetch_pending_skips_polls_only_while_a_fetch_is_in_flight(broker, topics):
+    """`fetch_pending` is True only while the broker holds a fetch and nothing fetched
+    waits; a record produced meanwhile is read at the next poll after it lands."""
+    from sferp.connectors.kafka_records import fetch_pending
+
+    topic = topics({"pending": 1})["pending"]
+    tp = TopicPartition(topic, 0)
+    consumer = KafkaConsumer(
+        bootstrap_servers=broker.bootstrap, group_id=None, fetch_max_wait_ms=5000
+    )
+    try:
+        consumer.assign([tp])
+        consumer.seek(tp, 0)
+        assert not fetch_pending(consumer)  # nothing sent yet: a poll must send a fetch
+        assert consumer.poll(timeout_ms=0) == {}
+        deadline = time.monotonic() + 5
+        while not fetch_pending(consumer):  # the fetch is out; the broker waits for data
+            assert time.monotonic() < deadline
+            consumer.poll(timeout_ms=0)
+        produce_one_by_one(broker.bootstrap, topic, 0, [b"x"])
+        deadline = time.monotonic() + 10
+        while fetch_pending(consumer):  # the answer lands on kafka-python's I/O thread
+            assert time.monotonic() < deadline, "the fetch never answered"
+            time.sleep(0.005)
+        records = consumer.poll(timeout_ms=1000).get(tp, [])
+        assert [r.value for r in records] == [b"x"]
+    finally:
+        consumer.close()
+    assert fetch_pending(object()) is False  # other internals: always poll
