@@ -21,7 +21,7 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 from kafka.partitioner.default import murmur2
-from sferp.connectors.kafka_records import fetch_pending
+from sferp.connectors.kafka_records import fetch_pending, queue_fetches
 from sferp.connectors.kafka_records import install as install_fast_reader
 
 from sferp.events import RawMessage
@@ -523,6 +523,7 @@ class KafkaSource(FixedPartitionedSource[list[RawMessage], int]):
             fetch_max_wait_ms=200,
         )
         install_fast_reader(consumer)  # RawMessages straight from v2 batches
+        queue_fetches(consumer)  # polls do not wait for the I/O thread to send fetches
         consumer.assign([tp])
         return consumer
 

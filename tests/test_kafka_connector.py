@@ -728,3 +728,41 @@ def test_fetch_pending_skips_polls_only_while_a_fetch_is_in_flight(broker, topic
     finally:
         consumer.close()
     assert fetch_pending(object()) is False  # other internals: always poll
+
+
+def test_queued_fetches_read_everything_in_order_without_waiting(broker, topics):
+    """With `queue_fetches` a poll queues the next fetch requests for kafka-python's I/O
+    thread instead of waiting for it; a queued send counts as in flight, and every
+    record still arrives once and in order."""
+    from sferp.connectors.kafka_records import fetch_pending, queue_fetches
+
+    topic = topics({"queued": 1})["queued"]
+    tp = TopicPartition(topic, 0)
+    values = [b"%d" % i for i in range(400)]
+    consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=None)
+    try:
+        consumer.assign([tp])
+        consumer.seek(tp, 0)
+        assert queue_fetches(consumer)
+        fetcher = consumer._fetcher
+        assert fetcher.send_fetches() == [] and fetcher._sferp_queued
+        assert fetch_pending(consumer)  # queued, not yet sent: no second send meanwhile
+        for i in range(0, 400, 100):
+            produce_one_by_one(broker.bootstrap, topic, 0, values[i : i + 100])
+        got: list = []
+        deadline = time.monotonic() + 15
+        while len(got) < 400:
+            assert time.monotonic() < deadline, f"only {len(got)} of 400 records"
+            if not fetch_pending(consumer):
+                got.extend(consumer.poll(timeout_ms=0).get(tp, []))
+            time.sleep(0.002)
+        assert [r.value for r in got] == values
+        assert [r.offset for r in got] == list(range(400))
+    finally:
+        consumer.close()
+    plain = KafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=None)
+    try:
+        plain._net.stop()  # no I/O thread: polls drive the network themselves
+        assert not queue_fetches(plain)
+    finally:
+        plain.close()
