@@ -374,7 +374,7 @@ class _KafkaPartition(StatefulSourcePartition[list[RawMessage], int]):
 
 
 class KafkaSource(FixedPartitionedSource[list[RawMessage], int]):
-    """Read Kafka topics; emits one list of `RawMessage`s per fetch.
+    """Read Kafka topics; emits one list of `RawMessage`s per fetch (per linger slot, live).
 
     Topic partitions are the unit of parallelism: each is one Bytewax source
     partition named `<topic>#<partition>`, read by its own manually assigned
