@@ -43,6 +43,7 @@ import orjson
 
 TOKEN_HEADER = "X-Sferp-Token"
 MAX_REQUEST_BYTES = 1 << 20
+STOP_WAIT_S = 10.0  # how long `stop` waits for interrupted queries to hand their cursors back
 
 # PRAGMAs (and their table-function forms `pragma_<name>`) that only read metadata.
 READ_ONLY_PRAGMAS = frozenset(
@@ -100,6 +101,10 @@ _CALL_NAME = re.compile(r"^\s*call\s+([a-z_][a-z0-9_]*)\s*\(", re.I)
 
 class RefusedStatement(ValueError):
     """The SQL is not a single read-only statement."""
+
+
+class ServerStopping(Exception):
+    """The endpoint is shutting down and takes no new queries."""
 
 
 class QueryTimeout(RuntimeError):
@@ -340,7 +345,11 @@ class _Handler(BaseHTTPRequestHandler):
                 },
             )
             return
-        cur = owner.new_cursor()
+        try:
+            cur = owner.new_cursor()
+        except ServerStopping as exc:
+            self._reply(503, {"error": str(exc), "kind": "stopping"})
+            return
         try:
             res = execute_read_only(
                 cur,
@@ -364,7 +373,7 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._send(200, data)
         finally:
-            cur.close()
+            owner.release(cur)
 
 
 class QueryServer:
@@ -384,7 +393,11 @@ class QueryServer:
     ) -> None:
         """Remember where to serve from; `start()` opens the socket."""
         self._root = root
-        self._cursor_lock = threading.Lock()
+        # Cursors of queries in flight: DuckDB refuses to close a connection while a
+        # cursor made from it runs a query (ResourceInUseException), so `stop` ends them.
+        self._cursor_lock = threading.Condition()
+        self._active: set[duckdb.DuckDBPyConnection] = set()
+        self._stopping = False
         self.views_path = os.fspath(views_path)
         self.endpoint = endpoint_path(self.views_path)
         self.max_rows = max_rows
@@ -400,9 +413,25 @@ class QueryServer:
         return self._httpd.server_address[1]
 
     def new_cursor(self) -> duckdb.DuckDBPyConnection:
-        """A new cursor on the served database (thread-safe)."""
+        """A new cursor on the served database (thread-safe); hand it back with `release`.
+
+        Raises ServerStopping once `stop` began.
+        """
         with self._cursor_lock:
-            return self._root.cursor()
+            if self._stopping:
+                raise ServerStopping("the flow is stopping")
+            cur = self._root.cursor()
+            self._active.add(cur)
+            return cur
+
+    def release(self, cur: duckdb.DuckDBPyConnection) -> None:
+        """Close a cursor from `new_cursor` once its query is over."""
+        try:
+            cur.close()
+        finally:
+            with self._cursor_lock:
+                self._active.discard(cur)
+                self._cursor_lock.notify_all()
 
     def start(self) -> None:
         """Bind 127.0.0.1 on an ephemeral port, serve in a daemon thread, write the endpoint."""
@@ -441,4 +470,8 @@ class QueryServer:
             self._httpd.server_close()
             self._httpd = None
         with self._cursor_lock:
+            self._stopping = True
+            for cur in self._active:  # queries in flight end with an interruption
+                cur.interrupt()
+            self._cursor_lock.wait_for(lambda: not self._active, timeout=STOP_WAIT_S)
             self._root.close()

@@ -506,3 +506,41 @@ def test_locked_file_without_endpoint(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+
+
+def test_closing_the_writer_while_a_query_runs_interrupts_it(tmp_path: Path) -> None:
+    """DuckDB refuses to close a connection while a cursor made from it runs a query;
+    closing the writer (the end of every run) interrupts the query instead of failing."""
+    heavy = "SELECT sum(hash(a.range + b.range)) FROM range(200000) a, range(200000) b"
+    path = tmp_path / "views.duckdb"
+    w = writer(path, query_timeout_s=60)
+    w.write_batch([SAMPLE])
+    info = orjson.loads(Path(endpoint_path(str(path))).read_bytes())
+    headers = {TOKEN_HEADER: info["token"]}
+    answers: list = []
+    asker = threading.Thread(
+        target=lambda: answers.append(
+            _post_slow(info["port"], orjson.dumps({"sql": heavy}), headers)
+        )
+    )
+    asker.start()
+    deadline = time.monotonic() + 10
+    while not w._server._active:  # the query is running on its cursor
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    started = time.monotonic()
+    w.close()  # raised ResourceInUseException before
+    assert time.monotonic() - started < 10
+    asker.join(15)
+    assert answers and answers[0][0] == 400 and answers[0][1]["kind"] in ("timeout", "sql")
+    assert query("SELECT count(*) FROM order_status", str(path), "csv")[1] == "count_star()\n2\n"
+
+
+def _post_slow(port: int, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("POST", "/query", body=body, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, orjson.loads(resp.read())
+    finally:
+        conn.close()
