@@ -322,8 +322,10 @@ def test_timeout_interrupts(tmp_path: Path) -> None:
 # -- the endpoint ---------------------------------------------------------------------------
 
 
-def _post(port: int, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+def _post(
+    port: int, body: bytes, headers: dict[str, str], timeout_s: float = 5
+) -> tuple[int, dict[str, Any]]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
     try:
         conn.request("POST", "/query", body=body, headers=headers)
         resp = conn.getresponse()
@@ -520,7 +522,7 @@ def test_closing_the_writer_while_a_query_runs_interrupts_it(tmp_path: Path) -> 
     answers: list = []
     asker = threading.Thread(
         target=lambda: answers.append(
-            _post_slow(info["port"], orjson.dumps({"sql": heavy}), headers)
+            _post(info["port"], orjson.dumps({"sql": heavy}), headers, timeout_s=30)
         )
     )
     asker.start()
@@ -534,13 +536,3 @@ def test_closing_the_writer_while_a_query_runs_interrupts_it(tmp_path: Path) -> 
     asker.join(15)
     assert answers and answers[0][0] == 400 and answers[0][1]["kind"] in ("timeout", "sql")
     assert query("SELECT count(*) FROM order_status", str(path), "csv")[1] == "count_star()\n2\n"
-
-
-def _post_slow(port: int, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        conn.request("POST", "/query", body=body, headers=headers)
-        resp = conn.getresponse()
-        return resp.status, orjson.loads(resp.read())
-    finally:
-        conn.close()
