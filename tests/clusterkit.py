@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -71,17 +72,27 @@ def assert_decimals_exact(rows: dict[str, list[tuple]]) -> None:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, outside the range outgoing connections take theirs from."""
+    return free_port_run(1)
+
+
+def _ephemeral_low() -> int:
+    """Where the kernel's ports for outgoing connections start (32768 when unknown)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def free_port_run(n: int) -> int:
-    """A port p such that p .. p+n-1 are free now (metrics ports are base + process id)."""
+    """A port p such that p .. p+n-1 are free now (metrics ports are base + process id).
+
+    Taken below the ephemeral range: there an outgoing connection of any client
+    (the flows' Kafka consumers) could take p+1 before the process binds it.
+    """
+    low = _ephemeral_low()
     for _ in range(100):
-        base = free_port()
-        if base + n > 65535:
-            continue
+        base = random.randrange(10_000, max(10_001, low - n))
         try:
             socks = []
             for port in range(base, base + n):

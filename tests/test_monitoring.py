@@ -16,7 +16,6 @@ import re
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 import duckdb
 import pytest
 import yaml
+from clusterkit import free_port
 from prometheus_client.parser import text_string_to_metric_families
 from sferp.operators.decode import DecodeConfig, decode_batch
 
@@ -51,12 +51,6 @@ STATS = {
     "ignored": "sferp_events_ignored_total",
 }
 SECRET = "do-not-log-" + uuid.uuid4().hex
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http_get(url: str) -> tuple[int, str]:
