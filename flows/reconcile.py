@@ -27,7 +27,12 @@ from sferp.connectors.audit_log import AuditSettings, LineageTap
 from sferp.connectors.duckdb_views import DuckDBViewsSink
 from sferp.connectors.kafka import KafkaSink, KafkaSource
 from sferp.connectors.kafka_outputs import ReconciledKafkaSink, mirror_path
-from sferp.operators.coordinator import Coordinator, CoordinatorState, OutputTopics
+from sferp.operators.coordinator import (
+    LIVE_EMIT_INTERVAL_MS,
+    Coordinator,
+    CoordinatorState,
+    OutputTopics,
+)
 from sferp.operators.decode import DecodeConfig, decode_batch
 from sferp.operators.facts import CHANGES, GLOBAL_IN, TICK, GlobalInput
 from sferp.operators.merge import CONSUMED, DEAD, IGNORED, Merger, MergeState
@@ -167,8 +172,16 @@ class _CoordinatorLogic(StatefulBatchLogic):
         delta, kafka = self.coord.tick()
         return ([(delta, kafka)] if delta or kafka else []), StatefulBatchLogic.RETAIN
 
+    def on_eof(self) -> tuple[list, bool]:
+        kafka = self.coord.flush()  # records waiting for the emit interval
+        return ([({}, kafka)] if kafka else []), StatefulBatchLogic.RETAIN
+
     def notify_at(self) -> datetime | None:
-        return datetime.now(UTC) + timedelta(seconds=1) if self.live else None
+        """Each second (the hand-off SLA), sooner when Kafka records wait to be emitted."""
+        if not self.live:
+            return None
+        wait = self.coord.next_emit_s()
+        return datetime.now(UTC) + timedelta(seconds=1 if wait is None else min(1.0, wait))
 
     def snapshot(self) -> Any:
         if not self.recovery:
@@ -307,6 +320,7 @@ def build_flow(settings: Settings, opts: FlowOptions) -> Dataflow:
             max_future_skew_ms=fs.max_future_skew_s * 1000,
             input_topics=tuple(roles) + extract_topics,
             kafka_outputs=opts.kafka_outputs,
+            emit_interval_ms=LIVE_EMIT_INTERVAL_MS if live else 0,
         )
         if audit is not None:  # hands view rows' lineage to the writer's audit_log
             coord = LineageTap(coord)

@@ -46,6 +46,13 @@ INVENTORY_COLUMNS = (
 )
 EXCEPTION_COLUMNS = ("kind", "key", "detail", "first_seen", "last_seen", "open")
 _TIMESTAMPS = {"activated_at", "invoiced_at", "updated_at", "first_seen", "last_seen"}
+# Live runs emit the reconciled.* and DLQ records at most this often, each key in
+# its latest version (the views commit at the same cadence). A live step carries
+# a few thousand messages and hot keys (a SKU's inventory, an order under work)
+# change in most steps: measured in-process, per-step rendering cost 266,000 JSON
+# renders per 400,000 messages in 3,000-message steps against 89,000 in
+# 40,000-message steps.
+LIVE_EMIT_INTERVAL_MS = 250
 
 
 @dataclass(frozen=True)
@@ -93,6 +100,13 @@ class CoordinatorState:
         self.pending: dict[str, int] = {}  # order -> activated_at (hand-off candidates)
         self.overdue: set[str] = set()
         self.heap: list[tuple[int, str]] = []
+        # Kafka records not yet emitted, (topic, key) -> value; pickled with the
+        # state, so a snapshot taken while records wait still carries them.
+        self.outbox: dict[tuple[str, bytes], Any] = {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("outbox", {})  # snapshots taken before the outbox existed
+        self.__dict__.update(state)
 
 
 class Coordinator:
@@ -108,9 +122,13 @@ class Coordinator:
         max_future_skew_ms: int = 300_000,
         input_topics: tuple[str, ...] = (),
         kafka_outputs: bool = True,
+        emit_interval_ms: int = 0,
     ) -> None:
         self.state = state
         self.kafka_outputs = kafka_outputs
+        # 0: every batch's records at once (bounded runs, tests); see LIVE_EMIT_INTERVAL_MS
+        self.emit_interval_ms = emit_interval_ms if kafka_outputs else 0
+        self._last_emit = _clock()
         for topic in input_topics:  # flow_stats has a row for every input topic
             state.stats.setdefault(topic, [0, 0, 0, 0, 0, 0])
         self._unwritten = set(input_topics)
@@ -134,8 +152,9 @@ class Coordinator:
         st = self.state
         delta: dict[str, dict[tuple, tuple | None]] = {}
         # Kafka records of this batch, one per (topic, key): a row that changed
-        # several times in the batch is sent once, in its final version.
-        kafka: dict[tuple[str, bytes], Any] = {}
+        # several times in the batch is sent once, in its final version. With an
+        # emit interval the batch adds to the records still waiting from before.
+        kafka: dict[tuple[str, bytes], Any] = st.outbox if self.emit_interval_ms else {}
         touched_topics: set[str] = self._unwritten
         self._unwritten = set()
         for gi in inputs:
@@ -201,14 +220,37 @@ class Coordinator:
                     s[DEAD],
                     s[IGNORED],
                 )
-        return delta, self._render(kafka)
+        return delta, self._emit(kafka)
 
     def tick(self) -> tuple[dict, list]:
         """Re-evaluate the clock-dependent exceptions (live runs, with no new input)."""
         delta: dict = {}
-        kafka: dict = {}
+        kafka: dict = self.state.outbox if self.emit_interval_ms else {}
         self._check_overdue(delta, kafka)
-        return delta, self._render(kafka)
+        return delta, self._emit(kafka)
+
+    def flush(self) -> list:
+        """Every waiting Kafka record, now (the input ended)."""
+        return self._emit(self.state.outbox, force=True)
+
+    def next_emit_s(self) -> float | None:
+        """Seconds until waiting Kafka records are due, or None when none wait."""
+        if not self.state.outbox:
+            return None
+        due = self._last_emit + self.emit_interval_ms / 1000
+        return max(0.0, due - _clock())
+
+    def _emit(self, kafka: dict[tuple[str, bytes], Any], force: bool = False) -> list:
+        """Render `kafka` unless its records are to wait for the emit interval."""
+        if not self.emit_interval_ms:
+            return self._render(kafka)
+        now = _clock()
+        if not kafka or (not force and (now - self._last_emit) * 1000 < self.emit_interval_ms):
+            return []
+        self._last_emit = now
+        out = self._render(kafka)
+        kafka.clear()  # the outbox
+        return out
 
     def _render(self, pending: dict[tuple[str, bytes], Any]) -> list:
         """The batch's Kafka records as (topic, key, value); empty when outputs are off."""
@@ -277,6 +319,9 @@ class Coordinator:
             self._exception(fact, delta, kafka)
         # An order whose candidate moved (re-activated later) but is overdue under
         # the old time stays open until retracted: retraction closes it.
+
+
+_clock = time.monotonic  # when waiting Kafka records are due (tests replace it)
 
 
 def _wall_ms() -> int:

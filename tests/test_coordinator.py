@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import json
+import pickle
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sferp.operators import coordinator as coord_mod
-from sferp.operators.coordinator import Coordinator, CoordinatorState, OutputTopics, iso
+from sferp.operators.coordinator import (
+    INVENTORY_COLUMNS,
+    Coordinator,
+    CoordinatorState,
+    OutputTopics,
+    iso,
+    row_json,
+)
 from sferp.operators.facts import ExceptionFact, GlobalInput, HandoffCandidate
 
 MIN = 60_000
@@ -134,3 +144,139 @@ def test_kafka_rendering_is_skipped_when_outputs_are_off():
     row = ("SKU-1", 10, 0, 0, 10, 3000, {}, True)
     delta, kafka = c.process([gi(rows={"inventory_live": {("SKU-1",): row}})])
     assert kafka == [] and delta["inventory_live"]
+
+
+# -- live emit interval: Kafka records wait, each key in its latest version ------------
+
+
+def inv(sku: str, on_hand: int, t: int, kafka: bool = True) -> GlobalInput:
+    return gi(rows={"inventory_live": {(sku,): (sku, on_hand, 0, 0, on_hand, t, {}, kafka)}})
+
+
+def emitted(records: list) -> dict[bytes, int | None]:
+    return {k: None if v is None else json.loads(v)["on_hand"] for _, k, v in records}
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(coord_mod, "_clock", lambda: now[0])
+    return now
+
+
+def test_live_records_wait_for_the_emit_interval_and_go_once_per_key(clock):
+    c = make(live=True, emit_interval_ms=250)
+    _, kafka = c.process([inv("A", 1, 1000)])
+    assert kafka == [] and c.next_emit_s() == pytest.approx(0.25)
+    clock[0] += 0.1
+    _, kafka = c.process([inv("A", 2, 2000), inv("B", 7, 2000)])
+    assert kafka == [] and c.next_emit_s() == pytest.approx(0.15)
+    clock[0] += 0.1
+    # informational only (not for Kafka on its own), but A waits: its record follows it
+    _, kafka = c.process([inv("A", 3, 3000, kafka=False)])
+    assert kafka == []
+    clock[0] += 0.05
+    _, kafka = c.process([gi(rows={"inventory_live": {("B",): None}})])
+    assert emitted(kafka) == {b"A": 3, b"B": None}
+    assert c.next_emit_s() is None and c.state.outbox == {}
+    # the next interval starts at that emit
+    clock[0] += 0.2
+    _, kafka = c.process([inv("A", 4, 4000)])
+    assert kafka == []
+    delta, kafka = c.tick()  # the timer fires without new input
+    assert kafka == []
+    clock[0] += 0.05
+    _, kafka = c.tick()
+    assert emitted(kafka) == {b"A": 4}
+
+
+def test_flush_emits_every_waiting_record_at_once(clock):
+    c = make(live=True, emit_interval_ms=250)
+    c.process([inv("A", 1, 1000), inv("C", 5, 1000)])
+    assert emitted(c.flush()) == {b"A": 1, b"C": 5}
+    assert c.flush() == [] and c.next_emit_s() is None
+
+
+def test_waiting_records_survive_a_snapshot_and_old_snapshots_load(clock):
+    c = make(live=True, emit_interval_ms=250)
+    c.process([inv("A", 1, 1000)])
+    restored = Coordinator(
+        pickle.loads(pickle.dumps(c.state)),
+        handoff_sla_ms=15 * MIN,
+        topics=OutputTopics(),
+        live=True,
+        emit_interval_ms=250,
+    )
+    assert emitted(restored.flush()) == {b"A": 1}
+    old = CoordinatorState()
+    del old.__dict__["outbox"]  # the state's form before the outbox
+    assert pickle.loads(pickle.dumps(old)).outbox == {}
+
+
+def test_bounded_and_outputs_off_never_hold_records(clock):
+    c = make(emit_interval_ms=0)
+    _, kafka = c.process([inv("A", 1, 1000)])
+    assert emitted(kafka) == {b"A": 1} and c.next_emit_s() is None
+    off = make(live=True, kafka_outputs=False, emit_interval_ms=250)
+    off.process([inv("A", 1, 1000)])
+    assert off.state.outbox == {} and off.flush() == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.lists(
+                st.tuples(st.sampled_from("ABC"), st.integers(0, 3), st.booleans(), st.booleans()),
+                max_size=4,
+            ),
+            st.sampled_from([0.0, 0.1, 0.3]),
+        ),
+        max_size=25,
+    )
+)
+def test_waiting_only_skips_versions_and_never_ends_behind(steps):
+    """Per key, the records emitted with the interval are, in order, some of the key's
+    versions, and after a flush the last is never older than without the interval."""
+    now = [0.0]
+    saved = coord_mod._clock
+    coord_mod._clock = lambda: now[0]
+    try:
+        eager, lazy = make(live=True), make(live=True, emit_interval_ms=250)
+        seen: dict[str, dict[bytes, list]] = {"eager": {}, "lazy": {}}
+        versions: dict[bytes, list] = {}  # every version given, as the plain coordinator renders it
+        present: set[str] = set()
+        for t, (batch, advance) in enumerate(steps):
+            now[0] += advance
+            inputs = []
+            for i, (k, n, for_kafka, gone) in enumerate(batch):
+                if gone:
+                    inputs.append(gi(rows={"inventory_live": {(k,): None}}))
+                    present.discard(k)
+                else:  # a row that (re)appears is always news for Kafka
+                    inputs.append(inv(k, n, t * 1000 + i, kafka=for_kafka or k not in present))
+                    present.add(k)
+                row = inputs[-1].rows["inventory_live"][(k,)]
+                rendered = None if row is None else row_json(INVENTORY_COLUMNS, row[:-2], row[-2])
+                versions.setdefault(k.encode(), []).append(rendered)
+            for name, c in (("eager", eager), ("lazy", lazy)):
+                for _, key, value in c.process(inputs)[1]:
+                    seen[name].setdefault(key, []).append(value)
+        for _, key, value in lazy.flush():
+            seen["lazy"].setdefault(key, []).append(value)
+    finally:
+        coord_mod._clock = saved
+    assert set(seen["lazy"]) == set(seen["eager"])
+
+    def positions(key: bytes, values: list) -> list[int]:
+        out, start = [], 0
+        for v in values:  # each value found after the previous one: a subsequence
+            start = versions[key].index(v, start)
+            out.append(start)
+            start += 1
+        return out
+
+    for key, values in seen["lazy"].items():
+        positions(key, values)
+        behind = positions(key, seen["eager"][key])[-1]
+        assert values[-1] in versions[key][behind:], key
