@@ -280,3 +280,13 @@ def test_waiting_only_skips_versions_and_never_ends_behind(steps):
         positions(key, values)
         behind = positions(key, seen["eager"][key])[-1]
         assert values[-1] in versions[key][behind:], key
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 4_102_444_800_000), max_size=30))
+def test_iso_cache_gives_each_millisecond_its_own_text(values):
+    from datetime import UTC, datetime
+
+    for ms in values + values:  # the second pass is served from the caches
+        expected = datetime.fromtimestamp(ms // 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        assert iso(ms) == f"{expected}.{ms % 1000:03d}Z"
