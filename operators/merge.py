@@ -89,7 +89,13 @@ class SfRecord:
     def apply(self, ch: Change) -> None:
         """Merge one change (CONTRACT §2, docs/semantics.md §3)."""
         stamp = (ch.order, ch.identity)
-        if ch.fields:
+        if ch.fields and self.top is None and not self.fields:
+            # A new record (most changes of a backlog): every field is from this
+            # change, so it starts in the packed form's one stamp for all fields.
+            self.fields = dict(ch.fields)
+            self.stamps = None
+            self.base = stamp
+        elif ch.fields:
             fields, stamps = self.unpacked()
             if self.top is None or stamp > self.top:  # newer than every field: all win
                 fields.update(ch.fields)
@@ -100,10 +106,12 @@ class SfRecord:
                     if old is None or stamp > old:
                         fields[name] = value
                         stamps[name] = stamp
-            if ch.fields.get("Status") == "Activated" and (
-                self.activated_at is None or ch.event_time < self.activated_at
-            ):
-                self.activated_at = ch.event_time
+        if (
+            ch.fields
+            and ch.fields.get("Status") == "Activated"
+            and (self.activated_at is None or ch.event_time < self.activated_at)
+        ):
+            self.activated_at = ch.event_time
         if ch.op in LIFECYCLE_OPS and (self.lc_stamp is None or stamp > self.lc_stamp):
             self.lc_stamp = stamp
             self.lc_deleted = ch.op == DELETE
