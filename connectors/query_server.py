@@ -33,6 +33,7 @@ import os
 import re
 import secrets
 import threading
+import time
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, NamedTuple
@@ -44,6 +45,7 @@ import orjson
 TOKEN_HEADER = "X-Sferp-Token"
 MAX_REQUEST_BYTES = 1 << 20
 STOP_WAIT_S = 10.0  # how long `stop` waits for interrupted queries to hand their cursors back
+STOP_POLL_S = 0.05  # how often `stop` interrupts them again meanwhile
 
 # PRAGMAs (and their table-function forms `pragma_<name>`) that only read metadata.
 READ_ONLY_PRAGMAS = frozenset(
@@ -471,7 +473,16 @@ class QueryServer:
             self._httpd = None
         with self._cursor_lock:
             self._stopping = True
-            for cur in self._active:  # queries in flight end with an interruption
-                cur.interrupt()
-            self._cursor_lock.wait_for(lambda: not self._active, timeout=STOP_WAIT_S)
+            # Queries in flight end with an interruption. Interrupting a cursor that
+            # runs nothing does nothing, and a handler may be between `new_cursor`
+            # and its query (seen under load: the query then ran on and the close
+            # failed), so interrupt again until every cursor is handed back.
+            deadline = time.monotonic() + STOP_WAIT_S
+            while self._active and time.monotonic() < deadline:
+                for cur in list(self._active):
+                    try:
+                        cur.interrupt()
+                    except duckdb.Error:  # already closed: it is being handed back
+                        pass
+                self._cursor_lock.wait(timeout=STOP_POLL_S)
             self._root.close()

@@ -510,10 +510,12 @@ def test_locked_file_without_endpoint(tmp_path: Path) -> None:
         proc.wait()
 
 
+HEAVY = "SELECT sum(hash(a.range + b.range)) FROM range(200000) a, range(200000) b"
+
+
 def test_closing_the_writer_while_a_query_runs_interrupts_it(tmp_path: Path) -> None:
     """DuckDB refuses to close a connection while a cursor made from it runs a query;
     closing the writer (the end of every run) interrupts the query instead of failing."""
-    heavy = "SELECT sum(hash(a.range + b.range)) FROM range(200000) a, range(200000) b"
     path = tmp_path / "views.duckdb"
     w = writer(path, query_timeout_s=60)
     w.write_batch([SAMPLE])
@@ -522,7 +524,7 @@ def test_closing_the_writer_while_a_query_runs_interrupts_it(tmp_path: Path) -> 
     answers: list = []
     asker = threading.Thread(
         target=lambda: answers.append(
-            _post(info["port"], orjson.dumps({"sql": heavy}), headers, timeout_s=30)
+            _post(info["port"], orjson.dumps({"sql": HEAVY}), headers, timeout_s=30)
         )
     )
     asker.start()
@@ -536,3 +538,51 @@ def test_closing_the_writer_while_a_query_runs_interrupts_it(tmp_path: Path) -> 
     asker.join(15)
     assert answers and answers[0][0] == 400 and answers[0][1]["kind"] in ("timeout", "sql")
     assert query("SELECT count(*) FROM order_status", str(path), "csv")[1] == "count_star()\n2\n"
+
+
+def test_a_query_that_starts_after_the_stop_began_is_interrupted_too(tmp_path: Path) -> None:
+    """A handler may be between taking its cursor and running its query when the
+    writer stops (seen under load): interrupting the idle cursor did nothing, the
+    query then ran on, and closing the root failed after the wait."""
+    w = writer(tmp_path / "views.duckdb")
+    server = w._server
+    cur = server.new_cursor()  # the handler has its cursor, its query not yet started
+    errors: list[BaseException] = []
+
+    def stop() -> None:
+        try:
+            server.stop()
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    stopper = threading.Thread(target=stop)
+    stopper.start()
+    deadline = time.monotonic() + 10
+    while not server._stopping:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.2)  # the first interruptions have passed
+    started = time.monotonic()
+    with pytest.raises(duckdb.Error):
+        cur.execute(HEAVY)
+    assert time.monotonic() - started < 5
+    server.release(cur)
+    stopper.join(15)
+    assert not stopper.is_alive() and errors == []
+    w._server = None  # stopped above
+    w.close()
+
+
+def test_a_cursor_closed_but_not_yet_handed_back_does_not_fail_the_stop(tmp_path: Path) -> None:
+    """`release` closes the cursor, then removes it from the cursors in flight: a stop
+    in between interrupted a closed cursor, which raised."""
+    w = writer(tmp_path / "views.duckdb")
+    server = w._server
+    cur = server.new_cursor()
+    cur.close()  # the first half of `release`
+    later = threading.Timer(0.3, server.release, args=(cur,))  # and the second
+    later.start()
+    started = time.monotonic()
+    w.close()
+    assert time.monotonic() - started < 5
+    later.join()
