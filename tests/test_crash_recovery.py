@@ -152,6 +152,10 @@ def after_worker_changes(stream, tmp_path_factory):
         runner.exits = runner.wait(procs)
         runner.consumed = [sum(s["consumed"] for s in load_views(runner.views).flow_stats.values())]
         procs = runner.start(processes=2)
+        # The first run may have read well past 30 % before the stop took effect (on
+        # a loaded machine it reached 62 %): this run stops once it is past both.
+        past_first = at_fraction(runner.views, procs[0], runner.consumed[0] + 1, 1.0)
+        wait_until(past_first, procs)
         wait_until(at_fraction(runner.views, procs[0], stream.total, 0.6), procs)
         for p in procs:
             p.send_signal(signal.SIGINT)
@@ -204,7 +208,7 @@ def test_clean_stops_and_changing_worker_counts_keep_the_state(stream, after_wor
     r = after_worker_changes
     assert r.exits == [0, 0, 0], "SIGTERM and SIGINT stop cleanly"
     # each restart continued where the previous run stopped...
-    assert 0 < r.consumed[0] < r.consumed[1] < stream.total, r.consumed
+    assert 0 < r.consumed[0] < r.consumed[1] <= stream.total, r.consumed
     # ...with nothing to roll back: every record sent is in the last snapshot of a clean stop
     for run, process in ((2, 0), (3, 0)):
         assert "; 0 keys sent after it restored" in r.log(run, process)
