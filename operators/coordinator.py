@@ -172,9 +172,8 @@ class Coordinator:
         st = self.state
         delta: dict[str, dict[tuple, tuple | None]] = {}
         # Kafka records of this batch, one per (topic, key): a row that changed
-        # several times in the batch is sent once, in its final version. With an
-        # emit interval the batch adds to the records still waiting from before.
-        kafka: dict[tuple[str, bytes], Any] = st.outbox if self.emit_interval_ms else {}
+        # several times in the batch is sent once, in its final version.
+        kafka = self._records()
         touched_topics: set[str] = self._unwritten
         self._unwritten = set()
         for gi in inputs:
@@ -245,9 +244,14 @@ class Coordinator:
     def tick(self) -> tuple[dict, list]:
         """Re-evaluate the clock-dependent exceptions (live runs, with no new input)."""
         delta: dict = {}
-        kafka: dict = self.state.outbox if self.emit_interval_ms else {}
+        kafka = self._records()
         self._check_overdue(delta, kafka)
         return delta, self._emit(kafka)
+
+    def _records(self) -> dict[tuple[str, bytes], Any]:
+        """Where a batch's Kafka records go: with an emit interval, the records still
+        waiting from before (so a key keeps only its latest version), else a new dict."""
+        return self.state.outbox if self.emit_interval_ms else {}
 
     def flush(self) -> list:
         """Every waiting Kafka record, now (the input ended)."""
