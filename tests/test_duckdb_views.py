@@ -22,6 +22,7 @@ import pytest
 from bytewax.dataflow import Dataflow
 from bytewax.recovery import init_db_dir
 from bytewax.testing import TestingSource, run_main
+from sferp.connectors import duckdb_views
 from sferp.connectors.duckdb_schema import PRIMARY_KEYS, TABLES, create_tables
 from sferp.connectors.duckdb_views import (
     DuckDBViewsSink,
@@ -430,8 +431,17 @@ def test_crash_rolls_back_to_snapshot(tmp_path: Path) -> None:
     assert orjson.loads(row[4]) == {"Status": "Draft"} and row[5] == "1:1:1"
 
 
-def test_crash_rollback_of_large_batches(tmp_path: Path) -> None:
-    """Batches above the small-batch threshold take the other before-image statement."""
+@pytest.mark.parametrize("chunk_rows", [None, 700])
+def test_crash_rollback_of_large_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk_rows: int | None
+) -> None:
+    """Batches above the small-batch threshold take the other before-image statement.
+
+    With `chunk_rows`, each table's rows go in several statements of one transaction:
+    the rows and the rollback are the same.
+    """
+    if chunk_rows is not None:
+        monkeypatch.setattr(duckdb_views, "_CHUNK_ROWS", chunk_rows)
     path = tmp_path / "v.duckdb"
     w = writer(path)
     base = {("salesforce", "Order", f"{i:05d}"): rec(f"{i:05d}", {"n": i}) for i in range(3000)}
@@ -444,6 +454,10 @@ def test_crash_rollback_of_large_batches(tmp_path: Path) -> None:
     changed.update({("salesforce", "Order", f"{i:05d}"): None for i in range(0, 1000)})
     w.write_batch([{"records": changed}])
     w.write_batch([{"records": changed}])  # a second commit over the same keys
+    expected = {**base, **changed}
+    assert {(r[2], r[4], r[5]) for r in _live_tables(w)["records"]} == {
+        (k[2], row[4], row[5]) for k, row in expected.items() if row is not None
+    }
     del w
     crash()
     w = writer(path, n)
@@ -728,3 +742,38 @@ def test_values_beyond_json_go_as_lists() -> None:
     # orjson refuses integers beyond 64 bits and lone surrogates: the batch goes as lists.
     assert bind_columns([("a", 2**64), ("b", 1)]) == (False, [["a", "b"], [2**64, 1]])
     assert bind_columns([("\ud800",)])[0] is False
+
+
+def _large_commit(n: int) -> dict[tuple, tuple | None]:
+    return {
+        ("salesforce", "Order", f"{i:07d}"): rec(f"{i:07d}", {"n": i, "pad": "x" * 400})
+        for i in range(n)
+    }
+
+
+def test_large_commits_fit_a_small_memory_limit_in_chunks(tmp_path: Path) -> None:
+    """100,000 rows commit within DuckDB's smallest allowed limit (64 MB) in chunks."""
+    w = writer(tmp_path / "v.duckdb", memory_limit_mb=64)
+    rows = _large_commit(100_000)
+    w.write_batch([{"records": rows}])
+    (count,) = w._con.execute("SELECT count(*) FROM records").fetchone()
+    w.close()
+    assert count == len(rows)
+
+
+def test_a_failed_commit_is_logged_in_one_line_naming_the_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Raised in a sink, the error ends the worker in a panic that hides it: the log says it."""
+    monkeypatch.setattr(duckdb_views, "_CHUNK_ROWS", 10**9)  # one statement: out of memory
+    w = writer(tmp_path / "v.duckdb", memory_limit_mb=64)
+    with caplog.at_level("ERROR", logger="sferp.views"), pytest.raises(duckdb.OutOfMemoryException):
+        w.write_batch([{"records": _large_commit(100_000)}])
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "sferp.views"]
+    assert "committing the views to" in line and "Out of Memory" in line
+    assert "views.memory_limit_mb = 64" in line and "\n" not in line
+    # The transaction was rolled back: the writer still commits what fits.
+    w.write_batch([{"records": _large_commit(10)}])
+    (count,) = w._con.execute("SELECT count(*) FROM records").fetchone()
+    w.close()
+    assert count == 10
