@@ -17,12 +17,12 @@ import time
 
 import orjson
 from kafka import KafkaConsumer, TopicPartition
-from sferp.connectors.kafka import list_partitions
+from sferp.connectors.kafka import list_partitions, partition_fetch_bytes
 
 
 def fetch_settings(batch_size: int) -> dict[str, int]:
     """The consumer fetch settings of `sferp.connectors.kafka.KafkaSource.build_part`."""
-    fetch_bytes = max(1 << 20, min(batch_size * 1024, 8 << 20))
+    fetch_bytes = partition_fetch_bytes(batch_size)
     return {
         "max_poll_records": batch_size,
         "max_partition_fetch_bytes": fetch_bytes,

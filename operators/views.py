@@ -81,7 +81,9 @@ class OrderNode:
         self.updated = 0  # latest event time of anything that touched the order
         self._total_raw: Any = None
         self._total: Decimal | None = None
-        self.items: dict[str, ItemFact] = {}  # live items only
+        # live items only: item Id -> (Product2Id, Quantity), the two fields the views read
+        # (a whole ItemFact would keep its identity and event time alive for nothing)
+        self.items: dict[str, tuple[str | None, Any]] = {}
         self.erp: dict[str, ErpOrderFact] = {}  # live ERP orders naming this Id
         self.row: tuple | None = None  # last emitted order_status row
         self.mismatch = False
@@ -140,7 +142,7 @@ class OrdersStage:
                     oid = f.order_id
                     node = nodes.get(oid) or nodes.setdefault(oid, OrderNode())
                     if f.live:
-                        node.items[f.item_id] = f
+                        node.items[f.item_id] = (f.product_id, f.quantity)
                     else:
                         node.items.pop(f.item_id, None)
                 else:  # ErpOrderFact
@@ -283,14 +285,13 @@ class OrdersStage:
         demand: dict[str, tuple[Decimal, bool]] = {}
         if live and node.items:
             open_demand = o.status == "Activated" and link is None
-            for item in node.items.values():
-                pid = item.product_id
+            for pid, quantity in node.items.values():
                 if not pid:
                     continue
                 prev = demand.get(pid)
                 qty = prev[0] if prev is not None else ZERO
                 if open_demand:
-                    q = to_decimal(item.quantity)
+                    q = to_decimal(quantity)
                     if q is not None:
                         qty += q
                 demand[pid] = (qty, True)
