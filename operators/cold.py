@@ -44,7 +44,6 @@ _ROUTED = 64  # `routed` is set (else None)
 # identity's byte length, then the identity. Salesforce orders have 3 integers,
 # ERP orders 1; other lengths get their struct on first use.
 _ORDER: dict[int, struct.Struct] = {n: struct.Struct(f"<b{n}qI") for n in (1, 3)}
-_N = struct.Struct("<b")
 
 
 def _order_struct(n: int) -> struct.Struct:
@@ -63,28 +62,46 @@ def _fits(order: Any) -> bool:
     return True
 
 
+def _encode(text: str) -> bytes:
+    try:
+        return text.encode()
+    except UnicodeEncodeError:  # lone surrogates (JSON may carry them): kept as they are
+        return text.encode("utf-8", "surrogatepass")
+
+
+def _decode(data: bytes) -> str:
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        return data.decode("utf-8", "surrogatepass")
+
+
 def _stamp(stamp: tuple) -> bytes:
     order, identity = stamp
-    ident = identity.encode("utf-8", "surrogatepass")
-    return _order_struct(len(order)).pack(len(order), *order, len(ident)) + ident
+    ident = _encode(identity)
+    n = len(order)
+    s = _ORDER.get(n) or _order_struct(n)
+    return s.pack(n, *order, len(ident)) + ident
 
 
 def _read_stamp(blob: bytes, pos: int) -> tuple[tuple, int]:
-    s = _order_struct(_N.unpack_from(blob, pos)[0])
-    *order, size = s.unpack_from(blob, pos)
+    n = blob[pos]
+    s = _ORDER.get(n) or _order_struct(n)
+    values = s.unpack_from(blob, pos)
     pos += s.size
-    return (tuple(order[1:]), blob[pos : pos + size].decode("utf-8", "surrogatepass")), pos + size
+    end = pos + values[-1]
+    return (values[1:-1], _decode(blob[pos:end])), end
 
 
 def _text(value: str) -> bytes:
-    b = value.encode("utf-8", "surrogatepass")
+    b = _encode(value)
     return _LEN.pack(len(b)) + b
 
 
 def _read_text(blob: bytes, pos: int) -> tuple[str, int]:
     (size,) = _LEN.unpack_from(blob, pos)
     pos += 4
-    return blob[pos : pos + size].decode("utf-8", "surrogatepass"), pos + size
+    return _decode(blob[pos : pos + size]), pos + size
 
 
 def _time(value: Any) -> tuple[int, int] | None:
@@ -142,7 +159,7 @@ def _freeze_sf(rec: SfRecord) -> bytes | None:
         flags |= _ROUTED
         parts.append(_text(rec.routed))
     parts[0] = _HEAD.pack(flags, rec.event_time, t[1])
-    parts.append(fields.encode("utf-8", "surrogatepass"))
+    parts.append(_encode(fields))
     return b"".join(parts)
 
 
@@ -167,7 +184,7 @@ def _thaw_sf(blob: bytes) -> SfRecord:
     if flags & _ROUTED:
         routed, pos = _read_text(blob, pos)
     rec = SfRecord.__new__(SfRecord)
-    rec.fields = blob[pos:].decode("utf-8", "surrogatepass")
+    rec.fields = _decode(blob[pos:])
     rec.stamps = None
     rec.base = base
     rec.lc_stamp = lc
@@ -199,7 +216,7 @@ def _freeze_erp(rec: ErpRecord) -> bytes | None:
         flags |= _ROUTED
         parts.append(_text(rec.routed))
     parts[0] = _HEAD.pack(flags, rec.event_time, t[1])
-    parts.append(image.encode("utf-8", "surrogatepass"))
+    parts.append(_encode(image))
     return b"".join(parts)
 
 
@@ -214,7 +231,7 @@ def _thaw_erp(blob: bytes) -> ErpRecord:
     if flags & _ROUTED:
         routed, pos = _read_text(blob, pos)
     rec = ErpRecord.__new__(ErpRecord)
-    rec.image = blob[pos:].decode("utf-8", "surrogatepass")
+    rec.image = _decode(blob[pos:])
     rec.image_stamp = top
     rec.del_image = None
     rec.del_lsn = -1
