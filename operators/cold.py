@@ -127,6 +127,34 @@ def thaw(source: str, blob: bytes) -> SfRecord | ErpRecord:
     return _thaw_erp(blob)
 
 
+def _join(
+    rec: SfRecord | ErpRecord, top: tuple, flags: int, time: int, parts: list[bytes], text: str
+) -> bytes:
+    """The header, the stamps in `parts`, the last identity, `routed` and the JSON text."""
+    if rec.identity == top[1]:
+        flags |= _ID_IS_TOP
+    else:
+        parts.append(_text(rec.identity))
+    if rec.routed is not None:
+        flags |= _ROUTED
+        parts.append(_text(rec.routed))
+    parts[0] = _HEAD.pack(flags, rec.event_time, time)
+    parts.append(_encode(text))
+    return b"".join(parts)
+
+
+def _read_tail(blob: bytes, pos: int, flags: int, top: tuple) -> tuple[str, str | None, str]:
+    """The last identity, `routed` and the JSON text that `_join` wrote from `pos` on."""
+    if flags & _ID_IS_TOP:
+        identity = top[1]
+    else:
+        identity, pos = _read_text(blob, pos)
+    routed = None
+    if flags & _ROUTED:
+        routed, pos = _read_text(blob, pos)
+    return identity, routed, _decode(blob[pos:])
+
+
 def _freeze_sf(rec: SfRecord) -> bytes | None:
     top, base, lc = rec.top, rec.base, rec.lc_stamp
     fields = rec.fields
@@ -151,16 +179,7 @@ def _freeze_sf(rec: SfRecord) -> bytes | None:
         parts.append(_stamp(lc))
     else:
         return None
-    if rec.identity == top[1]:
-        flags |= _ID_IS_TOP
-    else:
-        parts.append(_text(rec.identity))
-    if rec.routed is not None:
-        flags |= _ROUTED
-        parts.append(_text(rec.routed))
-    parts[0] = _HEAD.pack(flags, rec.event_time, t[1])
-    parts.append(_encode(fields))
-    return b"".join(parts)
+    return _join(rec, top, flags, t[1], parts, fields)
 
 
 def _thaw_sf(blob: bytes) -> SfRecord:
@@ -176,15 +195,9 @@ def _thaw_sf(blob: bytes) -> SfRecord:
         lc = top
     else:
         lc, pos = _read_stamp(blob, pos)
-    if flags & _ID_IS_TOP:
-        identity = top[1]
-    else:
-        identity, pos = _read_text(blob, pos)
-    routed = None
-    if flags & _ROUTED:
-        routed, pos = _read_text(blob, pos)
+    identity, routed, text = _read_tail(blob, pos, flags, top)
     rec = SfRecord.__new__(SfRecord)
-    rec.fields = _decode(blob[pos:])
+    rec.fields = text
     rec.stamps = None
     rec.base = base
     rec.lc_stamp = lc
@@ -208,30 +221,15 @@ def _freeze_erp(rec: ErpRecord) -> bytes | None:
         return None
     flags = t[0] | (_DELETED if rec.deleted else 0)
     parts = [b"", _stamp(top)]
-    if rec.identity == top[1]:
-        flags |= _ID_IS_TOP
-    else:
-        parts.append(_text(rec.identity))
-    if rec.routed is not None:
-        flags |= _ROUTED
-        parts.append(_text(rec.routed))
-    parts[0] = _HEAD.pack(flags, rec.event_time, t[1])
-    parts.append(_encode(image))
-    return b"".join(parts)
+    return _join(rec, top, flags, t[1], parts, image)
 
 
 def _thaw_erp(blob: bytes) -> ErpRecord:
     flags, event_time, time = _HEAD.unpack_from(blob)
     top, pos = _read_stamp(blob, _HEAD.size)
-    if flags & _ID_IS_TOP:
-        identity = top[1]
-    else:
-        identity, pos = _read_text(blob, pos)
-    routed = None
-    if flags & _ROUTED:
-        routed, pos = _read_text(blob, pos)
+    identity, routed, text = _read_tail(blob, pos, flags, top)
     rec = ErpRecord.__new__(ErpRecord)
-    rec.image = _decode(blob[pos:])
+    rec.image = text
     rec.image_stamp = top
     rec.del_image = None
     rec.del_lsn = -1
