@@ -55,7 +55,6 @@ log = logging.getLogger("sferp.kafka")
 _POSITIONS: dict[tuple[str, int], int] = {}
 
 
-
 # Cap of one partition's fetch (the flow and the benchmark's raw floor share it).
 # Every partition's consumer holds a fetched response and one in flight. Measured
 # on a 1,000,000-record initial load, 2 MB instead of 8 MB changed neither the
@@ -66,6 +65,7 @@ MAX_PARTITION_FETCH_BYTES = 8 << 20
 def partition_fetch_bytes(batch_size: int) -> int:
     """Bytes one partition's fetch may return: about one batch of ~1 KB messages, bounded."""
     return max(1 << 20, min(batch_size * 1024, MAX_PARTITION_FETCH_BYTES))
+
 
 class KafkaConnectorError(RuntimeError):
     """Kafka cannot be used as configured: unreachable, missing topic, failed delivery."""
