@@ -16,9 +16,14 @@ T = TypeVar("T", bound=type)
 
 
 def compact_pickle(cls: T) -> T:
-    """Class decorator: pickle the instance's slots as one tuple, in `__slots__` order."""
+    """Class decorator: pickle the instance's slots as one tuple, in `__slots__` order.
+
+    A class may define `_after_load(self)`, called once the slots are set: it brings
+    state written by an earlier version to the current form.
+    """
     names: tuple[str, ...] = tuple(cls.__slots__)  # type: ignore[attr-defined]
     get = attrgetter(*names)
+    after_load = getattr(cls, "_after_load", None)
 
     def __getstate__(self: Any) -> tuple:
         return get(self)  # type: ignore[no-any-return]
@@ -30,6 +35,8 @@ def compact_pickle(cls: T) -> T:
             values = zip(names, state, strict=True)
         for name, value in values:
             object.__setattr__(self, name, value)
+        if after_load is not None:
+            after_load(self)
 
     cls.__getstate__ = __getstate__  # type: ignore[attr-defined]
     cls.__setstate__ = __setstate__  # type: ignore[attr-defined]

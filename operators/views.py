@@ -92,6 +92,13 @@ class OrderNode:
         self.handoff: int | None = None  # activated_at of the emitted candidate
         self.demand: dict[str, tuple[Decimal, bool]] = {}  # product -> (qty, has_items)
 
+    def _after_load(self) -> None:
+        """Snapshots written before items were kept as pairs hold whole ItemFacts."""
+        items = self.items
+        for item_id, item in items.items():
+            if type(item) is ItemFact:
+                items[item_id] = (item.product_id, item.quantity)
+
     def money(self, raw: Any) -> Decimal | None:
         """`TotalAmount` rounded, converted once per distinct value."""
         if raw != self._total_raw or self._total is None:

@@ -1,15 +1,20 @@
-"""Packed records (fields kept as JSON between batches) merge exactly as unpacked ones."""
+"""Packed records (fields kept as JSON between batches) merge exactly as unpacked ones.
+
+Also: state objects pickle compactly, and state of the previous version still loads.
+"""
 
 from __future__ import annotations
 
 import pickle
+from decimal import Decimal
 
 import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sferp.operators.cold import thaw
-from sferp.operators.facts import CHANGES, GLOBAL_IN
+from sferp.operators.facts import CHANGES, FACTS, GLOBAL_IN, ItemFact, OrderFact
 from sferp.operators.merge import ErpRecord, Merger, MergeState, SfRecord
+from sferp.operators.views import OrdersStage
 
 from sferp.events import CREATE, DELETE, UPDATE, UPSERT, Change
 
@@ -129,3 +134,19 @@ def test_state_objects_pickle_as_tuples_and_still_load_the_old_form():
     for key, r in m.state.records.items():
         b = back.records[key]
         assert (b == r) if type(r) is bytes else (b.__getstate__() == r.__getstate__())
+
+
+def test_orders_state_of_the_previous_version_loads_with_its_items():
+    """Snapshots written before items were kept as (Product2Id, Quantity) hold ItemFacts."""
+    stage = OrdersStage({})
+    order = OrderFact(OID, True, "Activated", None, "1", 10.0, 5, 5, "sf|o")
+    stage.process([(FACTS, [order, ItemFact("802A", OID, True, "01tA", 2, 5, "sf|i1")])])
+    node = stage.nodes[OID]
+    # The form the previous version pickled: whole ItemFacts as the items' values.
+    node.items = {"802A": ItemFact("802A", OID, True, "01tA", 2, 5, "sf|i1")}
+    old = pickle.dumps(stage.nodes, protocol=pickle.HIGHEST_PROTOCOL)
+    back = OrdersStage(pickle.loads(old))
+    assert back.nodes[OID].items == {"802A": ("01tA", 2)}
+    out = back.process([(FACTS, [ItemFact("802B", OID, True, "01tA", 3, 6, "sf|i2")])])
+    demand = [f for _dest, (kind, facts) in out if kind == FACTS for f in facts]
+    assert [(d.product_id, d.quantity) for d in demand] == [("01tA", Decimal(5))]
