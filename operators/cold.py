@@ -41,12 +41,13 @@ _ID_IS_TOP = 32  # the last applied identity is the top stamp's
 _ROUTED = 64  # `routed` is set (else None)
 
 # A stamp `(order, identity)`: the order tuple's length, its integers, the
-# identity's byte length, then the identity. Salesforce orders have 3 integers,
-# ERP orders 1; other lengths get their struct on first use.
-_ORDER: dict[int, struct.Struct] = {n: struct.Struct(f"<b{n}qI") for n in (1, 3)}
+# identity's byte length, then the identity (Salesforce orders have 3 integers,
+# ERP orders 1). One struct per order length, made on first use.
+_ORDER: dict[int, struct.Struct] = {}
 
 
 def _order_struct(n: int) -> struct.Struct:
+    """The struct of a stamp whose order tuple has `n` integers (made on first use)."""
     s = _ORDER.get(n)
     if s is None:
         s = _ORDER[n] = struct.Struct(f"<b{n}qI")
@@ -80,13 +81,13 @@ def _stamp(stamp: tuple) -> bytes:
     order, identity = stamp
     ident = _encode(identity)
     n = len(order)
-    s = _ORDER.get(n) or _order_struct(n)
+    s = _order_struct(n)
     return s.pack(n, *order, len(ident)) + ident
 
 
 def _read_stamp(blob: bytes, pos: int) -> tuple[tuple, int]:
     n = blob[pos]
-    s = _ORDER.get(n) or _order_struct(n)
+    s = _order_struct(n)
     values = s.unpack_from(blob, pos)
     pos += s.size
     end = pos + values[-1]
