@@ -56,8 +56,8 @@ from typing import Any, NamedTuple
 import duckdb
 import orjson
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
-from sferp.operators.decode_common import RAW_LIMIT, dumps_compact_sorted
-from sferp.operators.decode_erp import PRIMARY_KEYS
+from sferp.operators.decode_common import AMOUNT, QUANTITY, RAW_LIMIT, dumps_compact_sorted
+from sferp.operators.decode_erp import BOUNDED_COLUMNS, PRIMARY_KEYS
 from sferp.operators.extract_routing import ExtractBatch, extract_topic
 
 from sferp.config import DEFAULT_EXTRACT_PATTERN
@@ -561,12 +561,16 @@ class TableState:
                 if typ == "int":
                     valid = (
                         f"(regexp_full_match({v}, '{_INT_RE}') "
-                        f"AND TRY_CAST({v} AS BIGINT) IS NOT NULL)"
+                        f"AND TRY_CAST({v} AS BIGINT) IS NOT NULL"
+                        f"{_range_sql(name, f'TRY_CAST({v} AS HUGEINT)')})"
                     )
                     typed[name] = f"TRY_CAST({v} AS BIGINT)"
                     what = "number"
                 elif typ == "decimal":
-                    valid = f"regexp_full_match({v}, '{_DECIMAL_RE}')"
+                    valid = (
+                        f"(regexp_full_match({v}, '{_DECIMAL_RE}')"
+                        f"{_range_sql(name, f'TRY_CAST({v} AS DECIMAL(38,20))')})"
+                    )
                     typed[name] = v
                     what = "number"
                 else:
@@ -983,6 +987,22 @@ class _TablePartition(StatefulSourcePartition[ExtractBatch, dict]):
         if not changes and not dead:
             return []
         return [ExtractBatch(table, changes, f.export_ms if changes else None, dead)]
+
+
+# The ranges of the Debezium decoder (decode_common.in_view_range, docs/semantics.md
+# "Ranges"), as SQL over the cast value: an amount below 9,999,999,999,999,999.995
+# (it then rounds into DECIMAL(18,2)), a quantity below 10^15. DECIMAL(38,20) holds
+# every amount in range to 20 places (a longer one is rounded at the 20th place
+# before the comparison); anything larger does not cast, so it is out of range too.
+_RANGE_SQL = {AMOUNT: "9999999999999999.995", QUANTITY: "1000000000000000"}
+
+
+def _range_sql(column: str, cast: str) -> str:
+    """` AND <the cast value is in range>` for a column the typed views read, else ''."""
+    kind = BOUNDED_COLUMNS.get(column)
+    if kind is None:
+        return ""
+    return f" AND coalesce(abs({cast}) < {_RANGE_SQL[kind]}, false)"
 
 
 class ErpExtractSource(FixedPartitionedSource[ExtractBatch, dict]):

@@ -253,6 +253,28 @@ def is_decimal_string(s: str) -> bool:
         return False
 
 
+# What the typed view columns hold (docs/semantics.md §1): an amount must round
+# (half-even, 2 places) into DECIMAL(18,2), so below 9,999,999,999,999,999.995 in
+# magnitude; a quantity is summed into BIGINT columns, so each is below 10^15 (the
+# sums of up to 9,000 of them fit). Larger values are `bad_number`: dead-lettered
+# with a reason instead of failing the views' commit or their exact arithmetic.
+AMOUNT = "amount"
+QUANTITY = "quantity"
+_LIMITS = {AMOUNT: Decimal("9999999999999999.995"), QUANTITY: Decimal(10**15)}
+_FLOAT_LIMITS = {AMOUNT: 1e16, QUANTITY: 1e15}  # floats below 1e16 round within it
+
+
+def in_view_range(v: object, kind: str) -> bool:
+    """A value that passed the number check fits the view columns of `kind` (AMOUNT, QUANTITY)."""
+    t = type(v)
+    if t is float:
+        return -_FLOAT_LIMITS[kind] < v < _FLOAT_LIMITS[kind]  # type: ignore[operator]
+    limit = _LIMITS[kind]
+    if t is int:
+        return -limit < v < limit  # type: ignore[operator]
+    return Decimal(v).copy_abs() < limit  # type: ignore[arg-type]  # (abs() may overflow)
+
+
 def is_number_value(v: object) -> bool:
     """Valid numeric value: a finite JSON number (not bool) or a decimal string; null excluded."""
     t = type(v)
@@ -286,6 +308,23 @@ def decode_base64_decimal(s: str, scale: int) -> str | None:
         return None
     unscaled = int.from_bytes(raw, "big", signed=True)
     return format(Decimal(unscaled).scaleb(-scale, _EXACT), "f")
+
+
+def dumps_compact(value: Any) -> str:
+    """Compact JSON of a decoded value; integers beyond 64 bits kept exact (orjson refuses them)."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def loads_exact(text: str) -> Any:
+    """Parse JSON text this flow wrote (a record key): integers beyond 64 bits stay exact.
+
+    orjson reads them as floats, which would turn `{"order_no":123456789012345678901234}`
+    into order number "1.2345678901234569e+23".
+    """
+    return _STD_DECODER.decode(text)
 
 
 def dumps_compact_sorted(obj: dict[str, Any]) -> str:

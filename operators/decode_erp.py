@@ -12,18 +12,21 @@ import re
 from typing import Any
 
 from sferp.operators.decode_common import (
+    AMOUNT,
     BAD_ENVELOPE,
     BAD_NUMBER,
     IGNORED_MESSAGE,
     IGNORED_TRUNCATE,
     MAX_ABS_SCALE,
     MISSING_PRIMARY_KEY,
+    QUANTITY,
     TOO_MANY_FIELDS,
     ReparseExact,
     dead_letter,
     decode_base64_decimal,
     deeper_than,
     dumps_compact_sorted,
+    in_view_range,
     is_big_integral,
     is_decimal_string,
     parse_json_fallback,
@@ -43,6 +46,12 @@ NUMERIC_COLUMNS: dict[str, tuple[str, ...]] = {
     "items": ("list_price",),
     "inventory": ("qty_on_hand", "qty_allocated"),
     "sales_orders": ("total_amount",),
+}
+# Numeric columns the typed view columns read, and what they must fit (decode_common).
+BOUNDED_COLUMNS: dict[str, str] = {
+    "total_amount": AMOUNT,
+    "qty_on_hand": QUANTITY,
+    "qty_allocated": QUANTITY,
 }
 ERP_TABLES = frozenset(PRIMARY_KEYS)
 
@@ -171,16 +180,23 @@ def decode_erp(
                 continue
             t = type(v)
             if t is int or (t is float and v - v == 0.0):  # finite
-                continue
-            if t is str:
+                ok = True
+            elif t is str:
+                ok = False
                 if wrapped:
                     scale = decimal_scale(schema, col)
                     if scale is not None:
                         text = decode_base64_decimal(v, scale)
                         if text is not None:
-                            row[col] = text
-                            continue
-                if is_decimal_string(v):
+                            v = row[col] = text
+                            ok = True
+                if not ok:
+                    ok = is_decimal_string(v)
+            else:
+                ok = False
+            if ok:
+                kind = BOUNDED_COLUMNS.get(col)
+                if kind is None or in_view_range(v, kind):
                     continue
             return dead_letter(msg, BAD_NUMBER)
 

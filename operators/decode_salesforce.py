@@ -11,13 +11,16 @@ from __future__ import annotations
 from typing import Any
 
 from sferp.operators.decode_common import (
+    AMOUNT,
     BAD_HEADER,
     BAD_NUMBER,
     IGNORED_ENTITY,
     MISSING_HEADER,
+    QUANTITY,
     TOO_MANY_FIELDS,
     ReparseExact,
     dead_letter,
+    in_view_range,
     is_big_integral,
     is_decimal_string,
 )
@@ -58,6 +61,8 @@ NUMERIC_FIELDS: dict[str, tuple[str, ...]] = {
     "Order": ("TotalAmount",),
     "OrderItem": ("Quantity", "UnitPrice"),
 }
+# Numeric fields the typed view columns read, and what they must fit (decode_common).
+BOUNDED_FIELDS: dict[str, str] = {"TotalAmount": AMOUNT, "Quantity": QUANTITY}
 # Salesforce Id references, normalised to 18 characters.
 REFERENCE_FIELDS: dict[str, tuple[str, ...]] = {
     "Product2": (),
@@ -211,7 +216,9 @@ def decode_salesforce(o: dict[str, Any], msg: RawMessage, max_fields: int = 1000
                 continue
             t = type(v)
             if t is int or (t is float and v - v == 0.0) or (t is str and is_decimal_string(v)):
-                continue  # v - v == 0.0: finite
+                kind = BOUNDED_FIELDS.get(k)  # v - v == 0.0: finite
+                if kind is None or in_view_range(v, kind):
+                    continue
             return dead_letter(msg, BAD_NUMBER)
         for k in references:
             v = fields.get(k)

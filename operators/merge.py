@@ -26,6 +26,7 @@ from sferp.events import (
 from sferp.sfid import to18
 
 from .cold import freeze, thaw
+from .decode_common import dumps_compact, loads_exact
 from .dedupe import DedupWindow
 from .facts import (
     FACTS,
@@ -320,10 +321,10 @@ def _facts(entity: str, source: str, key: str, rec: Any, send: Any, f: dict[str,
         elif isinstance(raw, str):
             sf_id = to18(raw)
         else:  # not an Id at all: names no Order, so it is an orphan
-            sf_id = "\x00" + orjson.dumps(raw).decode()
+            sf_id = "\x00" + dumps_compact(raw)
         order_no = _s(f.get("order_no"))
         if order_no is None:
-            order_no = _s(orjson.loads(key).get("order_no")) or key
+            order_no = _s(loads_exact(key).get("order_no")) or key
         if rec.routed is not None and rec.routed != sf_id:
             send(
                 shard(ORDERS, rec.routed),
@@ -351,7 +352,7 @@ def _facts(entity: str, source: str, key: str, rec: Any, send: Any, f: dict[str,
     elif entity == "inventory":
         sku = _s(f.get("sku"))
         if sku is None:
-            sku = _s(orjson.loads(key).get("sku"))
+            sku = _s(loads_exact(key).get("sku"))
         if sku is not None:
             send(
                 shard(SKUS, sku),
@@ -368,6 +369,6 @@ def _facts(entity: str, source: str, key: str, rec: Any, send: Any, f: dict[str,
     elif entity == "items":
         sku = _s(f.get("sku"))
         if sku is None:
-            sku = _s(orjson.loads(key).get("sku"))
+            sku = _s(loads_exact(key).get("sku"))
         if sku is not None:
             send(shard(SKUS, sku), ErpItemFact(sku, live, rec.event_time, rec.identity))

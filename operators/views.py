@@ -20,8 +20,8 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
-import orjson
-
+from .cold_orders import NO_ORPHANS, freeze, thaw
+from .decode_common import dumps_compact, loads_exact
 from .facts import (
     FACTS,
     GLOBAL_IN,
@@ -45,7 +45,6 @@ Out = list[tuple[str, tuple]]
 
 
 _CENT = Decimal("0.01")
-_NO_ORPHANS: frozenset[str] = frozenset()  # shared by every order without orphans (216 bytes each)
 
 
 def _lineage(**ids: str) -> dict[str, str]:
@@ -88,7 +87,7 @@ class OrderNode:
         self.row: tuple | None = None  # last emitted order_status row
         self.mismatch = False
         # order_no keys with an open orphan exception (one shared empty set when none)
-        self.orphans: frozenset[str] | set[str] = _NO_ORPHANS
+        self.orphans: frozenset[str] | set[str] = NO_ORPHANS
         self.handoff: int | None = None  # activated_at of the emitted candidate
         self.demand: dict[str, tuple[Decimal, bool]] = {}  # product -> (qty, has_items)
 
@@ -119,6 +118,16 @@ class OrderNode:
         )
 
 
+def _touch(nodes: dict[str, Any], oid: str) -> OrderNode:
+    """The node of `oid` as an object: new, or thawed from its cold form."""
+    node = nodes.get(oid)
+    if node is None:
+        node = nodes[oid] = OrderNode()
+    elif type(node) is bytes:
+        node = nodes[oid] = thaw(oid, node, OrderNode.__new__(OrderNode))
+    return node  # type: ignore[no-any-return]
+
+
 def _link(erp: dict[str, ErpOrderFact]) -> ErpOrderFact | None:
     """CONTRACT §2: the non-CANCELLED order with the highest lsn, else the highest lsn."""
     best = None
@@ -132,8 +141,8 @@ def _link(erp: dict[str, ErpOrderFact]) -> ErpOrderFact | None:
 class OrdersStage:
     """The orders stage of one shard (no Bytewax here: testable directly)."""
 
-    def __init__(self, state: dict[str, OrderNode]) -> None:
-        self.nodes = state
+    def __init__(self, state: dict[str, OrderNode | bytes]) -> None:
+        self.nodes = state  # a node between batches is cold (bytes) unless it did not freeze
 
     def process(self, payloads: list[tuple]) -> Out:
         """Apply fact batches; return routed outputs."""
@@ -143,18 +152,18 @@ class OrdersStage:
             for f in facts:
                 if isinstance(f, OrderFact):
                     oid = f.order_id
-                    node = nodes.get(oid) or nodes.setdefault(oid, OrderNode())
+                    node = dirty.get(oid) or _touch(nodes, oid)
                     node.order = f
                 elif isinstance(f, ItemFact):
                     oid = f.order_id
-                    node = nodes.get(oid) or nodes.setdefault(oid, OrderNode())
+                    node = dirty.get(oid) or _touch(nodes, oid)
                     if f.live:
                         node.items[f.item_id] = (f.product_id, f.quantity)
                     else:
                         node.items.pop(f.item_id, None)
                 else:  # ErpOrderFact
                     oid = f.sf_order_id
-                    node = nodes.get(oid) or nodes.setdefault(oid, OrderNode())
+                    node = dirty.get(oid) or _touch(nodes, oid)
                     if f.live:
                         node.erp[f.record_key] = f
                     else:
@@ -170,6 +179,8 @@ class OrdersStage:
             self._render(oid, node, rows, exceptions, handoffs, demand_out)
             if node.empty():
                 del nodes[oid]
+            else:  # cold until a fact touches it again (cold_orders.py)
+                nodes[oid] = freeze(node) or node
         out: Out = [(dest, (FACTS, lst)) for dest, lst in demand_out.items()]
         if rows or exceptions or handoffs:
             out.append(_global({"order_status": rows}, exceptions, handoffs))
@@ -262,7 +273,7 @@ class OrdersStage:
             node.mismatch = mismatch
         # ORPHAN_ERP_ORDER: live ERP orders naming an Order that is not live
         if not live or node.orphans:
-            orphans = _NO_ORPHANS if live or not erp else set(erp)
+            orphans = NO_ORPHANS if live or not erp else set(erp)
             for rk in orphans - node.orphans:
                 e = erp[rk]
                 exceptions.append(
@@ -319,7 +330,7 @@ class OrdersStage:
 
 
 def _order_no_of(record_key: str) -> str:
-    v = orjson.loads(record_key).get("order_no")
+    v = loads_exact(record_key).get("order_no")
     return v if isinstance(v, str) else str(v)
 
 
@@ -327,7 +338,7 @@ def _str_or_none(v: Any) -> str | None:
     """A VARCHAR cell: strings as they are, other JSON values as compact JSON."""
     if v is None:
         return None
-    return v if isinstance(v, str) else orjson.dumps(v).decode()
+    return v if isinstance(v, str) else dumps_compact(v)
 
 
 @compact_pickle

@@ -306,6 +306,31 @@ def _is_str_list(value: Any) -> bool:
     return type(value) is list and all(type(x) is str for x in value)
 
 
+# The largest magnitudes the typed view columns take (docs/semantics.md §1): an
+# amount once rounded to cents fits DECIMAL(18,2); a quantity is below 10^15.
+_VIEW_LIMITS = {
+    "TotalAmount": Decimal("1E16"),
+    "total_amount": Decimal("1E16"),
+    "Quantity": Decimal("1E15"),
+    "qty_on_hand": Decimal("1E15"),
+    "qty_allocated": Decimal("1E15"),
+}
+_AMOUNTS = frozenset({"TotalAmount", "total_amount"})
+
+
+def _fits_view(name: str, value: Any) -> bool:
+    """A number (per `_is_number`) within the range of the view column `name` feeds."""
+    limit = _VIEW_LIMITS.get(name)
+    if limit is None:
+        return True
+    exact = Decimal(repr(value)) if type(value) is float else Decimal(value)
+    if exact.adjusted() >= 17:  # too large to round to cents within the context
+        return False
+    if name in _AMOUNTS:  # rounded half-even to cents first
+        exact = exact.quantize(_CENT, context=_CTX)
+    return abs(exact) < limit
+
+
 def _is_number(value: Any) -> bool:
     """A JSON number (not bool, finite) or a string parsing as a finite decimal."""
     kind = type(value)
@@ -383,7 +408,7 @@ def _decode_sf(obj: dict, msg: RawMessage, max_fields: int) -> list[Change] | Ig
     if changes:
         for name in SF_NUMERIC.get(entity, ()):
             value = changes.get(name)
-            if value is not None and not _is_number(value):
+            if value is not None and not (_is_number(value) and _fits_view(name, value)):
                 raise _Dead("bad_number")
         for name in SF_REFERENCES.get(entity, ()):
             if name in changes:
@@ -512,9 +537,11 @@ def _decode_erp(obj: dict, msg: RawMessage, table: str, max_fields: int) -> list
             if type(value) is str and column in scales:
                 decoded = _decode_base64_decimal(value, scales[column])
                 if decoded is not None:
+                    if not _fits_view(column, decoded):
+                        raise _Dead("bad_number")
                     image = {**image, column: decoded}
                     continue
-            if not _is_number(value):
+            if not (_is_number(value) and _fits_view(column, value)):
                 raise _Dead("bad_number")
 
     record_key = _compact_json(primary_key)

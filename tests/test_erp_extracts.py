@@ -788,3 +788,44 @@ def test_two_million_row_extract_stays_under_1_gb(tmp_path):
     assert int(got["upserts"]) == rows + rows // 100
     assert int(got["deletes"]) == rows // 1000
     assert float(got["peak_rss_mb"]) < 1024, line
+
+
+def test_numbers_beyond_the_view_columns_are_bad_rows(tmp_path):
+    """The Debezium decoder's ranges (docs/semantics.md "Ranges") hold for extract rows too."""
+    d = tmp_path / "in"
+    d.mkdir()
+    write_csv(
+        d / name("full", 1, 0),
+        [
+            ("A", "W1", 10**15 - 1, 0),
+            ("B", "W1", 10**15, 0),
+            ("C", "W1", 0, -(2**63)),  # BIGINT's smallest: no abs() overflow
+            ("D", "W1", 1, 2),
+        ],
+    )
+    so_header = ("order_no", "sf_order_id", "customer_no", "status", "total_amount", "currency")
+    write_jsonl(
+        d / name("delta", 1, 0, "jsonl", table="sales_orders"),
+        [
+            (1, "", None, "OPEN", "9999999999999999.994", None),
+            (2, "", None, "OPEN", "9999999999999999.995", None),
+            (3, "", None, "OPEN", "1e30", None),
+            (4, "", None, "OPEN", 12.5, None),
+            (5, "", None, "OPEN", "99999999999999999999999999999999999999999", None),
+        ],
+        header=so_header,
+    )
+    src = source(d, tmp_path / "state", tables=["inventory", "sales_orders"],
+                 bad_row_tolerance=0.9)  # fmt: skip
+    inv = pump(part_of(src, "inventory"))
+    assert [c.key for c in changes(inv)] == [
+        '{"sku":"A","warehouse":"W1"}',
+        '{"sku":"D","warehouse":"W1"}',
+    ]
+    assert [dl.reason for dl in dead(inv)] == [
+        "bad_extract_row: bad number in qty_on_hand",
+        "bad_extract_row: bad number in qty_allocated",
+    ]
+    so = pump(part_of(src, "sales_orders"))
+    assert [c.key for c in changes(so)] == ['{"order_no":1}', '{"order_no":4}']
+    assert [dl.reason for dl in dead(so)] == ["bad_extract_row: bad number in total_amount"] * 3

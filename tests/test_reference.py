@@ -499,8 +499,10 @@ def test_inventory_numeric_columns_checked_in_order_and_sales_order_totals():
     f = Feed()
     f.erp("inventory", "c", {"sku": "A", "warehouse": "W", "qty_allocated": "x"}, lsn=1, ts=T0)
     f.erp("sales_orders", "c", {"order_no": "S", "total_amount": {"v": 1}}, lsn=2, ts=T0)
-    f.erp("sales_orders", "c", {"order_no": "T", "total_amount": "1e400"}, lsn=3, ts=T0)
-    assert reasons(f.views()) == ["bad_number"] * 2  # "1e400" is a finite decimal
+    f.erp("sales_orders", "c", {"order_no": "T", "total_amount": "1e15"}, lsn=3, ts=T0)
+    assert reasons(f.views()) == ["bad_number"] * 2  # 1e15 fits DECIMAL(18,2)
+    f.erp("sales_orders", "c", {"order_no": "U", "total_amount": "1e400"}, lsn=4, ts=T0)
+    assert reasons(f.views()) == ["bad_number"] * 3  # a finite decimal, but beyond the column
 
 
 def test_big_integers_beyond_64_bits_are_exact():
