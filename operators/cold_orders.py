@@ -5,7 +5,8 @@ and its demand per product: about 40 small objects (dicts, facts, strings,
 Decimals) and 2.3 KB on an initial load. Most orders are not touched again for a
 long time, so between batches the orders stage keeps each node as the `marshal`
 text of its values (Decimals as their exact text, facts as plain tuples, the Id
-that keys the node left out): about 470 bytes. The stage thaws a node when a
+that keys the node left out, and of each fact's identity only what the Order Id,
+the ERP record key and lsn do not already say): about 400 bytes. The stage thaws a node when a
 fact touches it and freezes it again after rendering, so the view logic only
 ever sees objects; freezing and thawing cost about 2 and 3 µs.
 
@@ -37,6 +38,21 @@ def _undec(text: str | None) -> Decimal | None:
     return None if text is None else Decimal(text)
 
 
+def _order_identity(identity: str, oid: str) -> str | tuple[str]:
+    """`sf|Order|<middle>|<oid>` as `(middle,)` (28 bytes less), any other identity whole."""
+    pre, suf = "sf|Order|", "|" + oid
+    if identity.startswith(pre) and identity.endswith(suf) and len(identity) > len(pre + suf):
+        return (identity[len(pre) : len(identity) - len(suf)],)
+    return identity
+
+
+def _erp_identity(e: ErpOrderFact) -> str | None:
+    """None for the identity `erp|sales_orders|<record key>|<lsn>` (derived on thaw)."""
+    if e.identity == f"erp|sales_orders|{e.record_key}|{e.lsn}":
+        return None
+    return e.identity
+
+
 def freeze(node: Any) -> bytes | None:
     """The cold form of an `OrderNode`, or None when a value does not marshal."""
     o = node.order
@@ -47,10 +63,11 @@ def freeze(node: Any) -> bytes | None:
     try:
         return marshal.dumps(
             (
-                None if o is None else tuple(o)[1:],  # order_id is the node's key
+                # order_id is the node's key
+                None if o is None else (*o[1:8], _order_identity(o.identity, o.order_id)),
                 node.items,
                 # sf_order_id (index 2) is the node's key too
-                [(*e[:2], *e[3:]) for e in node.erp.values()],
+                [(*e[:2], *e[3:9], _erp_identity(e)) for e in node.erp.values()],
                 row,
                 node.row_updated,
                 node.mismatch,
@@ -69,9 +86,19 @@ def thaw(oid: str, blob: bytes, node: Any) -> Any:
     o, items, erp, row, row_updated, mismatch, orphans, handoff, demand, updated = marshal.loads(
         blob
     )
-    order = node.order = None if o is None else OrderFact(oid, *o)
+    if o is None:
+        order = None
+    else:
+        ident = o[7] if type(o[7]) is str else f"sf|Order|{o[7][0]}|{oid}"
+        order = OrderFact(oid, *o[:7], ident)
+    node.order = order
     node.items = items
-    node.erp = {e[0]: ErpOrderFact(e[0], e[1], oid, *e[2:]) for e in erp}
+    node.erp = {
+        e[0]: ErpOrderFact(
+            e[0], e[1], oid, *e[2:8], f"erp|sales_orders|{e[0]}|{e[5]}" if e[8] is None else e[8]
+        )
+        for e in erp
+    }
     node._total_raw = node._total = None
     if row is not None:
         total = _undec(row[7])

@@ -25,7 +25,7 @@ from sferp.events import (
 )
 from sferp.sfid import to18
 
-from .cold import freeze, thaw
+from .cold import Shapes, freeze, thaw
 from .decode_common import dumps_compact, loads_exact
 from .dedupe import DedupWindow
 from .facts import (
@@ -42,6 +42,7 @@ from .facts import (
     ProductFact,
 )
 from .merge_records import ErpRecord, SfRecord
+from .record_table import RecordTable
 from .routing import GLOBAL, ORDERS, PRODUCTS, SKUS, shard
 
 __all__ = ["ErpRecord", "MergeState", "Merger", "SfRecord", "fields_json"]
@@ -75,12 +76,13 @@ def _s(value: Any) -> str | None:
 class MergeState:
     """Everything one merge shard remembers (pickled into Bytewax snapshots)."""
 
-    __slots__ = ("dedup", "records", "gaps", "clock", "partition_clocks")
+    __slots__ = ("dedup", "records", "gaps", "clock", "partition_clocks", "shapes")
 
     def __init__(self, window_ms: int) -> None:
         self.dedup = DedupWindow(window_ms)
         # A record is an object while a batch works on it, else mostly frozen (cold.py).
-        self.records: dict[tuple[str, str, str], SfRecord | ErpRecord | bytes] = {}
+        self.records = RecordTable()
+        self.shapes = Shapes()  # the field names of the frozen records
         # resync key -> [gap stamp, open emitted?, event_time(, stamp of a RESYNCED marker)]
         self.gaps: dict[str, list] = {}
         self.clock = 0  # the largest partition clock this shard has heard of
@@ -91,13 +93,17 @@ class Merger:
     """The merge logic of one shard, free of Bytewax so it can be tested directly."""
 
     def __init__(self, state: MergeState, lateness_ms: int) -> None:
+        if not hasattr(state, "shapes"):  # a snapshot of a version without shapes
+            state.shapes = Shapes()
+        if type(state.records) is dict:  # ... and with one flat dict of records
+            state.records = RecordTable(state.records)
         self.state = state
         self.lateness_ms = lateness_ms
 
     def process(self, payloads: list[tuple]) -> list[tuple[str, tuple]]:
         """Apply a batch of payloads; return (destination shard, payload) items."""
         st = self.state
-        records = st.records
+        kinds = st.records.kinds
         dedup = st.dedup
         lateness = self.lateness_ms
         stats: dict[str, list[int]] = {}
@@ -142,12 +148,16 @@ class Merger:
                         g[3:] = [stamp]
                         dirty_gaps.add(ch.key)
                     continue
-                rkey = (ch.source, ch.entity, ch.key)
-                rec = records.get(rkey)
+                source, key = ch.source, ch.key
+                records = kinds.get((source, ch.entity))
+                if records is None:
+                    records = st.records.of(source, ch.entity)
+                rkey = (source, ch.entity, key)
+                rec = records.get(key)
                 if rec is None:
-                    rec = records[rkey] = SfRecord() if ch.source == SALESFORCE else ErpRecord()
+                    rec = records[key] = SfRecord() if source == SALESFORCE else ErpRecord()
                 elif type(rec) is bytes:
-                    rec = records[rkey] = thaw(ch.source, rec)
+                    rec = records[key] = thaw(rkey, rec, st.shapes)
                 rec.apply(ch)
                 dirty[rkey] = rec
                 if gaps and ch.key in gaps:
@@ -195,7 +205,8 @@ class Merger:
                 lst.append(fact)
 
         dumps = orjson.dumps
-        records = self.state.records
+        kinds = self.state.records.kinds
+        shapes = self.state.shapes
         for rkey, rec in dirty.items():
             source, entity, key = rkey
             if source == SALESFORCE:
@@ -222,9 +233,9 @@ class Merger:
             _facts(entity, source, key, rec, send, fields)
             if packable:
                 rec.pack(text)
-                cold = freeze(rec)
+                cold = freeze(rec, rkey, fields, shapes)
                 if cold is not None:
-                    records[rkey] = cold
+                    kinds[(source, entity)][key] = cold
         for key in dirty_gaps:
             g = self.state.gaps[key]
             recs = [] if key.endswith(":*") else _records_with_key(self.state, key)
@@ -260,9 +271,10 @@ def _records_with_key(state: MergeState, key: str) -> list[SfRecord]:
     """The Salesforce records with this Id (gaps are rare, so a lookup per entity is fine)."""
     found = []
     for entity in ("Product2", "Account", "Order", "OrderItem"):
-        rec = state.records.get((SALESFORCE, entity, key))
+        rkey = (SALESFORCE, entity, key)
+        rec = state.records.get(rkey)
         if type(rec) is bytes:
-            rec = thaw(SALESFORCE, rec)
+            rec = thaw(rkey, rec, state.shapes)
         if rec is not None:
             found.append(rec)
     return found

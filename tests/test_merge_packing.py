@@ -35,7 +35,7 @@ def _erp(lsn: int, op: str = UPSERT, **fields) -> Change:
 def _rec(merger: Merger, key: tuple[str, str, str]) -> SfRecord | ErpRecord:
     """The record object, thawed when it is kept frozen (operators/cold.py)."""
     rec = merger.state.records[key]
-    return thaw(key[0], rec) if type(rec) is bytes else rec
+    return thaw(key, rec, merger.state.shapes) if type(rec) is bytes else rec
 
 
 def _rows(merger: Merger, *changes: Change) -> dict:
@@ -77,7 +77,9 @@ def test_a_packed_record_is_json_text_with_one_stamp_and_survives_pickling():
     _rows(m, _sf(CREATE, 10, 1, Status="Draft", TotalAmount=5.0))
     assert type(m.state.records[("salesforce", "Order", OID)]) is bytes  # frozen
     rec = _rec(m, ("salesforce", "Order", OID))
-    assert isinstance(rec.fields, str) and rec.stamps is None and rec.base[0] == (10, 1, 1)
+    # thawed from its shape: the fields as a dict, still one stamp for all of them
+    assert rec.fields == {"Status": "Draft", "TotalAmount": 5.0}
+    assert rec.stamps is None and rec.base[0] == (10, 1, 1)
     m2 = Merger(pickle.loads(pickle.dumps(m.state)), 0)
     _rows(m2, _sf(UPDATE, 5, 1, Status="Old"))  # older: loses field by field
     rows = _rows(m2, _sf(UPDATE, 20, 1, TotalAmount=7.0))
@@ -100,8 +102,9 @@ def test_values_json_cannot_hold_stay_unpacked():
 def test_erp_images_pack_and_deletes_keep_the_last_image():
     m = Merger(MergeState(0), 0)
     _rows(m, _erp(5, qty_on_hand=3))
+    assert type(m.state.records[("erp", "inventory", '{"sku":"A"}')]) is bytes  # frozen
     rec = _rec(m, ("erp", "inventory", '{"sku":"A"}'))
-    assert isinstance(rec.image, str)
+    assert rec.image == {"sku": "A", "qty_on_hand": 3}  # thawed from its shape
     rows = _rows(m, _erp(4, qty_on_hand=99))  # older image: current one stays
     assert orjson.loads(rows[("erp", "inventory", '{"sku":"A"}')][4])["qty_on_hand"] == 3
     rows = _rows(m, _erp(6, op=DELETE))
