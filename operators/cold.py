@@ -149,7 +149,7 @@ def _stamp(stamp: tuple, affixes: tuple[str, str]) -> bytes:
     order, identity = stamp
     pre, suf = affixes
     n = len(order)
-    s = _order_struct(n)
+    s = _ORDER.get(n) or _order_struct(n)
     if identity.startswith(pre) and identity.endswith(suf) and len(identity) >= len(pre) + len(suf):
         ident = _encode(identity[len(pre) : len(identity) - len(suf)])
         return s.pack(n, *order, len(ident) | _SHORT) + ident
@@ -234,7 +234,10 @@ def _join(
     if rec.routed is not None:
         flags |= _ROUTED
         parts.append(_text(rec.routed))
-    shape = shapes.id_of(tuple(fields))
+    names = tuple(fields)
+    shape = shapes.index.get(names)
+    if shape is None:
+        shape = shapes.id_of(names)
     values = None
     if shape is not None:
         try:

@@ -258,21 +258,21 @@ def is_decimal_string(s: str) -> bool:
 # magnitude; a quantity is summed into BIGINT columns, so each is below 10^15 (the
 # sums of up to 9,000 of them fit). Larger values are `bad_number`: dead-lettered
 # with a reason instead of failing the views' commit or their exact arithmetic.
-AMOUNT = "amount"
-QUANTITY = "quantity"
-_LIMITS = {AMOUNT: Decimal("9999999999999999.995"), QUANTITY: Decimal(10**15)}
-_FLOAT_LIMITS = {AMOUNT: 1e16, QUANTITY: 1e15}  # floats below 1e16 round within it
+# A kind is its bound for JSON numbers: Python compares an int with a float
+# exactly, and a double below 1e16 rounds to cents below 10^16.
+AMOUNT = 1e16
+QUANTITY = 1e15
+_EXACT_LIMITS = {AMOUNT: Decimal("9999999999999999.995"), QUANTITY: Decimal(10**15)}
 
 
-def in_view_range(v: object, kind: str) -> bool:
-    """A value that passed the number check fits the view columns of `kind` (AMOUNT, QUANTITY)."""
-    t = type(v)
-    if t is float:
-        return -_FLOAT_LIMITS[kind] < v < _FLOAT_LIMITS[kind]  # type: ignore[operator]
-    limit = _LIMITS[kind]
-    if t is int:
-        return -limit < v < limit  # type: ignore[operator]
-    return Decimal(v).copy_abs() < limit  # type: ignore[arg-type]  # (abs() may overflow)
+def in_view_range(v: object, kind: float) -> bool:
+    """A value that passed the number check fits the view columns of `kind` (AMOUNT, QUANTITY).
+
+    The decoders test JSON numbers inline (`-kind < v < kind`) and call this for strings.
+    """
+    if type(v) is str:
+        return Decimal(v).copy_abs() < _EXACT_LIMITS[kind]  # (abs() may overflow)
+    return -kind < v < kind  # type: ignore[operator]
 
 
 def is_number_value(v: object) -> bool:

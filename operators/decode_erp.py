@@ -48,7 +48,7 @@ NUMERIC_COLUMNS: dict[str, tuple[str, ...]] = {
     "sales_orders": ("total_amount",),
 }
 # Numeric columns the typed view columns read, and what they must fit (decode_common).
-BOUNDED_COLUMNS: dict[str, str] = {
+BOUNDED_COLUMNS: dict[str, float] = {
     "total_amount": AMOUNT,
     "qty_on_hand": QUANTITY,
     "qty_allocated": QUANTITY,
@@ -196,7 +196,7 @@ def decode_erp(
                 ok = False
             if ok:
                 kind = BOUNDED_COLUMNS.get(col)
-                if kind is None or in_view_range(v, kind):
+                if kind is None or (-kind < v < kind if t is not str else in_view_range(v, kind)):
                     continue
             return dead_letter(msg, BAD_NUMBER)
 

@@ -62,7 +62,7 @@ NUMERIC_FIELDS: dict[str, tuple[str, ...]] = {
     "OrderItem": ("Quantity", "UnitPrice"),
 }
 # Numeric fields the typed view columns read, and what they must fit (decode_common).
-BOUNDED_FIELDS: dict[str, str] = {"TotalAmount": AMOUNT, "Quantity": QUANTITY}
+BOUNDED_FIELDS: dict[str, float] = {"TotalAmount": AMOUNT, "Quantity": QUANTITY}
 # Salesforce Id references, normalised to 18 characters.
 REFERENCE_FIELDS: dict[str, tuple[str, ...]] = {
     "Product2": (),
@@ -215,8 +215,12 @@ def decode_salesforce(o: dict[str, Any], msg: RawMessage, max_fields: int = 1000
             if v is None:
                 continue
             t = type(v)
-            if t is int or (t is float and v - v == 0.0) or (t is str and is_decimal_string(v)):
-                kind = BOUNDED_FIELDS.get(k)  # v - v == 0.0: finite
+            if t is int or (t is float and v - v == 0.0):  # v - v == 0.0: finite
+                kind = BOUNDED_FIELDS.get(k)
+                if kind is None or -kind < v < kind:
+                    continue
+            elif t is str and is_decimal_string(v):
+                kind = BOUNDED_FIELDS.get(k)
                 if kind is None or in_view_range(v, kind):
                     continue
             return dead_letter(msg, BAD_NUMBER)

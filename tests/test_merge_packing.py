@@ -141,7 +141,7 @@ def test_state_objects_pickle_as_tuples_and_still_load_the_old_form():
 
 def test_orders_state_of_the_previous_version_loads_with_its_items():
     """Snapshots written before items were kept as (Product2Id, Quantity) hold ItemFacts."""
-    stage = OrdersStage({})
+    stage = OrdersStage({}, 0)
     order = OrderFact(OID, True, "Activated", None, "1", 10.0, 5, 5, "sf|o")
     stage.process([(FACTS, [order, ItemFact("802A", OID, True, "01tA", 2, 5, "sf|i1")])])
     assert type(stage.nodes[OID]) is bytes  # cold between batches (cold_orders.py)

@@ -126,16 +126,19 @@ def _batches(facts: list, cuts: list[int]) -> list[list]:
 
 
 @settings(max_examples=300, deadline=None)
-@given(_facts, st.lists(st.integers(0, 20), max_size=5))
-def test_a_stage_with_cold_nodes_emits_what_one_without_emits(facts, cuts):
+@given(_facts, st.lists(st.integers(0, 20), max_size=5), st.sampled_from([0, 0, 1, 2]))
+def test_a_stage_with_cold_nodes_emits_what_one_without_emits(facts, cuts, warm_nodes):
     """Batch by batch, freezing between batches changes no output and no node."""
     batches = _batches(facts, cuts)
-    cold = OrdersStage({})
+    cold = OrdersStage({}, warm_nodes)
     warm = OrdersStage({})
     got = _process_all(cold, batches)
     want = [_warm(warm, facts) for facts in batches]
     assert got == want
     assert cold.nodes.keys() == warm.nodes.keys()
+    objects = {oid for oid, n in cold.nodes.items() if type(n) is OrderNode}
+    assert objects == set(cold._warm)
+    assert len(cold._warm) <= warm_nodes, "only the most recently rendered stay objects"
     for oid, node in warm.nodes.items():
         blob = cold.nodes[oid]
         back = views._touch(cold.nodes, oid) if type(blob) is bytes else blob
@@ -160,7 +163,7 @@ def test_nodes_thaw_to_what_was_frozen(facts):
 
 
 def test_a_node_holding_what_marshal_cannot_write_stays_an_object():
-    cold, warm = OrdersStage({}), OrdersStage({})
+    cold, warm = OrdersStage({}, 0), OrdersStage({})
     order = OrderFact("801A", True, "Activated", None, "1", 10.0, 5, 5, "sf|o")
     odd = ItemFact("802A", "801A", True, "01tA", Decimal("2"), 5, "sf|i")  # not a JSON value
     assert cold.process([(FACTS, [order, odd])]) == _warm(warm, [order, odd])
@@ -171,7 +174,7 @@ def test_a_node_holding_what_marshal_cannot_write_stays_an_object():
 
 
 def test_snapshots_hold_cold_nodes_and_nodes_of_the_previous_version():
-    stage = OrdersStage({})
+    stage = OrdersStage({}, 0)
     order = OrderFact("801A", True, "Activated", "001", "1", 10.0, 5, 5, "sf|o")
     stage.process([(FACTS, [order, ItemFact("802A", "801A", True, "01tA", 2, 5, "sf|i")])])
     stage.nodes["801B"] = views._touch({"801B": stage.nodes["801A"]}, "801B")  # an object
@@ -180,3 +183,12 @@ def test_snapshots_hold_cold_nodes_and_nodes_of_the_previous_version():
     out = back.process([(FACTS, [ItemFact("802B", "801A", True, "01tA", 3, 6, "sf|i2")])])
     demand = [f for _d, (kind, fs) in out if kind == FACTS for f in fs]
     assert [(d.product_id, d.quantity) for d in demand] == [("01tA", Decimal(5))]
+
+
+def test_the_least_recently_rendered_nodes_go_cold_first():
+    stage = OrdersStage({}, 2)
+    for n, oid in enumerate(["801A", "801B", "801C", "801A", "801D"]):
+        stage.process([(FACTS, [OrderFact(oid, True, "Draft", None, "1", 1.0, None, n, "sf|o")])])
+    kinds = {oid: type(node).__name__ for oid, node in stage.nodes.items()}
+    assert kinds == {"801A": "OrderNode", "801B": "bytes", "801C": "bytes", "801D": "OrderNode"}
+    assert list(stage._warm) == ["801A", "801D"]
