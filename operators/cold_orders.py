@@ -3,12 +3,13 @@
 An `OrderNode` holds an Order, its items, the ERP orders naming it, its last row
 and its demand per product: about 40 small objects (dicts, facts, strings,
 Decimals) and 2.3 KB on an initial load. Most orders are not touched again for a
-long time, so between batches the orders stage keeps each node as the `marshal`
-text of its values (Decimals as their exact text, facts as plain tuples, the Id
-that keys the node left out, and of each fact's identity only what the Order Id,
-the ERP record key and lsn do not already say): about 400 bytes. The stage thaws a node when a
-fact touches it and freezes it again after rendering, so the view logic only
-ever sees objects; freezing and thawing cost about 2 and 3 µs.
+long time, so the orders stage keeps a node that is not among the ones it
+rendered last (`views.WARM_NODES`) as the `marshal` text of its values
+(Decimals as their exact text, facts as plain tuples, the Id that keys the node
+left out, and of each fact's identity only what the Order Id, the ERP record
+key and lsn do not already say): about 380 bytes. The stage thaws a node when a
+fact touches it, so the view logic only ever sees objects; freezing and thawing
+cost about 2 and 3 µs (more for a node long out of the CPU's caches).
 
 `marshal` is Python's own serialiser for code constants: exact for `str`,
 `int`, `float` (bits and sign), `bool`, `None`, tuples, lists, dicts and sets,

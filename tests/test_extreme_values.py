@@ -157,22 +157,8 @@ def test_the_decoder_and_the_reference_agree_on_any_number(value, build):
 
 def test_the_flow_keeps_running_and_dead_letters_the_out_of_range_events(tmp_path):
     """Huge values end in `dead_letters`; the views hold everything else, as the reference."""
-    items = [
-        (
-            SF,
-            ORDER,
-            sf_event(
-                "CREATE",
-                ORDER,
-                T0,
-                0,
-                Status="Draft",
-                TotalAmount=1e26,
-                OrderNumber="1",
-                AccountId=None,
-            ),
-        )  # fmt: skip
-    ]
+    huge = sf_event("CREATE", ORDER, T0, 0, Status="Draft", TotalAmount=1e26, OrderNumber="1")
+    items = [(SF, ORDER, huge)]
     other = "801000000000002AAA"
     items.append((SF, other, sf_event("CREATE", other, T0 + 1, 0, Status="Draft",
                                       TotalAmount="12.50", OrderNumber="2")))  # fmt: skip
