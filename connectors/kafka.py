@@ -620,9 +620,26 @@ class _KafkaSinkPartition(StatelessSinkPartition[SinkItem]):
             try:
                 self._producer.close(timeout=self._flush_timeout_s)
             except KafkaError as exc:
+                _force_close(self._producer)
                 raise KafkaConnectorError(
                     f"cannot flush the producer for Kafka at {self._bootstrap} on close: {exc}"
                 ) from exc
+
+
+def _force_close(producer: KafkaProducer) -> None:
+    """Stop a producer whose `close` raised, dropping what it could not deliver.
+
+    kafka-python's `close` flushes first and raises when deliveries are still
+    pending, before it stops its I/O thread: the thread would go on reconnecting
+    for the life of the process, and the producer's `__del__` would try to close
+    it again. Its sender's own `force_close` (what `close` does after a timeout)
+    ends the thread.
+    """
+    sender = getattr(producer, "_sender", None)
+    if sender is not None:
+        sender.force_close()
+        sender.join(1)
+    producer._closed = True  # nothing left to close: `__del__` returns at once
 
 
 class KafkaSink(DynamicSink[SinkItem]):
