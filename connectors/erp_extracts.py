@@ -56,7 +56,7 @@ from typing import Any, NamedTuple
 import duckdb
 import orjson
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
-from sferp.operators.decode_common import AMOUNT, QUANTITY, RAW_LIMIT, dumps_compact_sorted
+from sferp.operators.decode_common import EXACT_LIMITS, RAW_LIMIT, dumps_compact_sorted
 from sferp.operators.decode_erp import BOUNDED_COLUMNS, PRIMARY_KEYS
 from sferp.operators.extract_routing import ExtractBatch, extract_topic
 
@@ -989,12 +989,11 @@ class _TablePartition(StatefulSourcePartition[ExtractBatch, dict]):
         return [ExtractBatch(table, changes, f.export_ms if changes else None, dead)]
 
 
-# The ranges of the Debezium decoder (decode_common.in_view_range, docs/semantics.md
+# The ranges of the Debezium decoder (decode_common.EXACT_LIMITS, docs/semantics.md
 # "Ranges"), as SQL over the cast value: an amount below 9,999,999,999,999,999.995
 # (it then rounds into DECIMAL(18,2)), a quantity below 10^15. DECIMAL(38,20) holds
 # every amount in range to 20 places (a longer one is rounded at the 20th place
 # before the comparison); anything larger does not cast, so it is out of range too.
-_RANGE_SQL = {AMOUNT: "9999999999999999.995", QUANTITY: "1000000000000000"}
 
 
 def _range_sql(column: str, cast: str) -> str:
@@ -1002,7 +1001,7 @@ def _range_sql(column: str, cast: str) -> str:
     kind = BOUNDED_COLUMNS.get(column)
     if kind is None:
         return ""
-    return f" AND coalesce(abs({cast}) < {_RANGE_SQL[kind]}, false)"
+    return f" AND coalesce(abs({cast}) < {EXACT_LIMITS[kind]}, false)"
 
 
 class ErpExtractSource(FixedPartitionedSource[ExtractBatch, dict]):

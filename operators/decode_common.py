@@ -262,7 +262,7 @@ def is_decimal_string(s: str) -> bool:
 # exactly, and a double below 1e16 rounds to cents below 10^16.
 AMOUNT = 1e16
 QUANTITY = 1e15
-_EXACT_LIMITS = {AMOUNT: Decimal("9999999999999999.995"), QUANTITY: Decimal(10**15)}
+EXACT_LIMITS = {AMOUNT: Decimal("9999999999999999.995"), QUANTITY: Decimal(10**15)}
 
 
 def in_view_range(v: object, kind: float) -> bool:
@@ -271,7 +271,7 @@ def in_view_range(v: object, kind: float) -> bool:
     The decoders test JSON numbers inline (`-kind < v < kind`) and call this for strings.
     """
     if type(v) is str:
-        return Decimal(v).copy_abs() < _EXACT_LIMITS[kind]  # (abs() may overflow)
+        return Decimal(v).copy_abs() < EXACT_LIMITS[kind]  # (abs() may overflow)
     return -kind < v < kind  # type: ignore[operator]
 
 

@@ -44,6 +44,7 @@ from .facts import (
 from .merge_records import ErpRecord, SfRecord
 from .record_table import RecordTable
 from .routing import GLOBAL, ORDERS, PRODUCTS, SKUS, shard
+from .slots import compact_pickle
 
 __all__ = ["ErpRecord", "MergeState", "Merger", "SfRecord", "fields_json"]
 
@@ -73,6 +74,7 @@ def _s(value: Any) -> str | None:
     return value if isinstance(value, str) else str(value)
 
 
+@compact_pickle
 class MergeState:
     """Everything one merge shard remembers (pickled into Bytewax snapshots)."""
 
@@ -88,15 +90,18 @@ class MergeState:
         self.clock = 0  # the largest partition clock this shard has heard of
         self.partition_clocks: dict[tuple[str, int], int] = {}
 
+    def _after_load(self) -> None:
+        """Snapshots of earlier versions: no shapes, and one flat dict of records."""
+        if not hasattr(self, "shapes"):
+            self.shapes = Shapes()
+        if type(self.records) is dict:
+            self.records = RecordTable(self.records)
+
 
 class Merger:
     """The merge logic of one shard, free of Bytewax so it can be tested directly."""
 
     def __init__(self, state: MergeState, lateness_ms: int) -> None:
-        if not hasattr(state, "shapes"):  # a snapshot of a version without shapes
-            state.shapes = Shapes()
-        if type(state.records) is dict:  # ... and with one flat dict of records
-            state.records = RecordTable(state.records)
         self.state = state
         self.lateness_ms = lateness_ms
 

@@ -163,9 +163,13 @@ def test_merge_state_of_a_version_without_shapes_loads():
     m = Merger(state, 0)
     _rows(m, Change("erp", "inventory", '{"sku":"A"}', UPSERT, (5,), 5, "e",
                     {"sku": "A", "qty_on_hand": 3}, "erp.inv", 0, 5))  # fmt: skip
-    state.records = {k: thaw(k, v, state.shapes) for k, v in state.records.items()}
-    del state.shapes  # what snapshots of the previous version hold
-    back = pickle.loads(pickle.dumps(state))
+    # What snapshots of the previous version hold: the default pickled form of a
+    # __slots__ object, no shapes, and one flat dict of record objects.
+    slots = {n: getattr(state, n) for n in MergeState.__slots__ if n != "shapes"}
+    slots["records"] = {k: thaw(k, v, state.shapes) for k, v in state.records.items()}
+    old = MergeState.__new__(MergeState)
+    old.__setstate__(pickle.loads(pickle.dumps((None, slots))))
+    back = pickle.loads(pickle.dumps(old))
     m2 = Merger(back, 0)
     rows = _rows(m2, Change("erp", "inventory", '{"sku":"A"}', UPSERT, (6,), 6, "f",
                             {"sku": "A", "qty_on_hand": 4}, "erp.inv", 0, 6))  # fmt: skip
