@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -777,3 +778,67 @@ def test_a_failed_commit_is_logged_in_one_line_naming_the_setting(
     (count,) = w._con.execute("SELECT count(*) FROM records").fetchone()
     w.close()
     assert count == 10
+
+
+def _wal_mb(path: Path) -> float:
+    wal = Path(str(path) + ".wal")
+    return wal.stat().st_size / 2**20 if wal.exists() else 0.0
+
+
+@pytest.mark.parametrize("memory_limit_mb", [256, 64])
+def test_checkpoints_wait_for_a_quarter_of_the_memory_limit(
+    tmp_path: Path, memory_limit_mb: int
+) -> None:
+    """The write-ahead log grows to a quarter of `views.memory_limit_mb` (at least
+    DuckDB's 16 MB) before a commit checkpoints: checkpoints rewrite the tables."""
+    path = tmp_path / "v.duckdb"
+    w = writer(path, memory_limit_mb=memory_limit_mb, undo=False)
+    threshold = duckdb_views.checkpoint_threshold_mb(memory_limit_mb)
+    sizes = []
+    for i in range(10):  # ~4.5 MB of log per commit
+        rows = {
+            ("salesforce", "Order", f"{i}-{j:05d}"): rec(f"{i}-{j:05d}", {"pad": "x" * 400})
+            for j in range(10_000)
+        }
+        w.write_batch([{"records": rows}])
+        sizes.append(_wal_mb(path))
+    (count,) = w._con.execute("SELECT count(*) FROM records").fetchone()
+    w.close()
+    assert count == 100_000
+    assert threshold == (64 if memory_limit_mb == 256 else 16)
+    assert max(sizes) < threshold + 8, sizes  # checkpointed once past the threshold
+    if threshold > 16:
+        assert max(sizes) > 24, sizes  # not at DuckDB's own 16 MB
+    else:
+        assert any(b < a for a, b in zip(sizes, sizes[1:])), sizes  # checkpointed: log restarted
+
+
+def test_rows_that_came_during_a_long_commit_commit_right_after_it(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The commit interval runs from the start of the previous commit: when a commit
+    outlasts it, the rows that came meanwhile do not wait another interval."""
+    w = writer(tmp_path / "v.duckdb", commit_interval_s=1.0, undo=False)
+    slow = threading.Event()
+    apply = w._apply
+
+    def slow_apply(table: str, changes: dict) -> None:
+        if not slow.is_set():
+            slow.set()
+            time.sleep(1.5)
+        apply(table, changes)
+
+    monkeypatch.setattr(w, "_apply", slow_apply)
+    w._last_commit = time.monotonic() - 2  # the first commit is due at once
+    w.write_batch([{"flow_stats": {("a",): ("a", 1, 1, 0, 0, 0, 0)}}])
+    assert slow.wait(5)
+    started = time.monotonic()
+    w.write_batch([{"flow_stats": {("b",): ("b", 2, 2, 0, 0, 0, 0)}}])  # during the commit
+    while w.commits < 2 and time.monotonic() - started < 10:
+        time.sleep(0.01)
+    took = time.monotonic() - started
+    w.close()
+    assert w.commits == 2
+    # The first commit ends ~1.5 s after it started; from its end, another interval
+    # (1 s) would have passed before the second one.
+    assert took < 2.2, took
