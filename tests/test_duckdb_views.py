@@ -810,7 +810,8 @@ def test_checkpoints_wait_for_a_quarter_of_the_memory_limit(
     if threshold > 16:
         assert max(sizes) > 24, sizes  # not at DuckDB's own 16 MB
     else:
-        assert any(b < a for a, b in zip(sizes, sizes[1:])), sizes  # checkpointed: log restarted
+        restarted = any(b < a for a, b in zip(sizes, sizes[1:], strict=False))
+        assert restarted, sizes  # checkpointed: the log started again
 
 
 def test_rows_that_came_during_a_long_commit_commit_right_after_it(
