@@ -12,6 +12,7 @@ import atexit
 import contextlib
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -121,6 +122,7 @@ class EmbeddedBroker:
         self._log_path = log_path
         self._own_log = log_path is None
         self._proc: subprocess.Popen[bytes] | None = None
+        self._cluster_id: str | None = None  # set per start (see _spawn)
 
     # -- state -------------------------------------------------------------
 
@@ -194,9 +196,14 @@ class EmbeddedBroker:
             os.close(fd)
         assert self._log_path is not None
         url = f"tcp://{_HOST}:{port}"
+        # A cluster id of its own: the readiness probe tells this broker from another
+        # process that took the port between the check and the bind (see _wait_ready).
+        self._cluster_id = f"sferp-{os.getpid()}-{secrets.token_hex(6)}"
         argv = [
             binary,
             "broker",
+            "--cluster-id",
+            self._cluster_id,
             "--listener-url",
             url,
             "--advertised-listener-url",
@@ -266,11 +273,17 @@ class EmbeddedBroker:
                 )
                 try:
                     consumer.topics()  # a metadata round trip
+                    answered = getattr(consumer._client.cluster, "cluster_id", None)
                 finally:
                     consumer.close()
             except KafkaError:
                 time.sleep(0.05)
                 continue
+            if answered is not None and answered != self._cluster_id:
+                # Another broker listens on the port (it bound it first, and ours is
+                # about to exit with "address in use"): never adopt it, its pid is
+                # not ours (a test stopping "our" broker would stop nothing).
+                raise _PortInUse()
             if self._proc.poll() is None:  # it was our process that answered
                 return
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -182,3 +183,49 @@ def test_run_foreground_port_taken_exits_1(broker):
     assert proc.returncode == 1
     assert "already in use" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_broker_that_took_the_port_first_is_never_adopted(broker, monkeypatch, tmp_path):
+    """Another process can bind the chosen port between the check and the spawn (two
+    test runs on one machine): the readiness probe then reaches that broker. It must
+    not count as ours (its pid is not ours: stopping "our" broker would stop nothing);
+    the start tries another port."""
+    import sferp.broker as mod
+
+    # Our broker starts slowly (a loaded machine): the probe reaches the other one
+    # while ours is still alive, before it fails on the taken port.
+    real_bin = mod._broker_bin()
+    slow = tmp_path / "slow-broker"
+    slow.write_text(f'#!/bin/sh\nsleep 1\nexec "{real_bin}" "$@"\n')
+    slow.chmod(0o755)
+    monkeypatch.setattr(mod, "_broker_bin", lambda: str(slow))
+    taken = broker.port
+    real_free_port = mod._free_port
+    offered: list[int] = []
+
+    def free_port() -> int:
+        port = taken if not offered else real_free_port()
+        offered.append(port)
+        return port
+
+    monkeypatch.setattr(mod, "_free_port", free_port)
+    monkeypatch.setattr(mod, "_port_taken", lambda port: False)  # the race: free when checked
+    with EmbeddedBroker() as own:
+        assert offered[0] == taken and len(offered) == 2
+        assert own.port != taken
+        consumer = KafkaConsumer(bootstrap_servers=own.bootstrap)
+        try:
+            consumer.topics()
+            assert consumer._client.cluster.cluster_id == own._cluster_id
+        finally:
+            consumer.close()
+        os.kill(own.pid, signal.SIGSTOP)  # the pid is the process that serves the port
+        try:
+            with pytest.raises(OSError):
+                with socket.create_connection(("127.0.0.1", own.port), timeout=1) as s:
+                    s.settimeout(1)
+                    s.sendall(b"\\x00\\x00\\x00\\x01\\x00")
+                    s.recv(1)  # a stopped broker answers nothing
+        finally:
+            os.kill(own.pid, signal.SIGCONT)
+    assert broker.is_running()  # the other broker was left alone
