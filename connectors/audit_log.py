@@ -72,27 +72,36 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _branch(table: str, first: int) -> tuple[str, int]:
+def _branch(table: str, first: int, as_json: bool = False) -> tuple[str, int]:
     """One table's part of the audit statement, its parameters numbered from `first`.
 
     Parameters, in order: the primary key columns, `up` (False: a delete), then
-    `version` (records), `lin` (lineage JSON text: order_status, inventory_live),
+    `version` (records), `lin` (lineage: order_status, inventory_live),
     `et` (event time ms: all but dead_letters). Row keys and the lineage of records
     and dead letters are computed here, in SQL, rather than row by row in Python.
+    With `as_json` each parameter is the JSON text of its column (lineage as JSON
+    values), else a Python list (lineage as JSON texts); see `AuditLog.write`.
     """
     types = dict(SCHEMA[table])
     pk = PRIMARY_KEYS[table]
     cols = []
     n = first
+
+    def column(ty: str, name: str) -> str:
+        if as_json:
+            return f"unnest(from_json(${n}, '[\"{ty}\"]')) AS {name}"
+        return f"unnest(${n}::{ty}[]) AS {name}"
+
     for i, c in enumerate(pk):
-        cols.append(f"unnest(${n}::{types[c]}[]) AS k{i}")
+        cols.append(column(types[c], f"k{i}"))
         n += 1
     extra = ["up"] + (["ver"] if table == "records" else [])
     extra += ["lin"] if table in _TRACKED else []
     extra += ["et"] if table in _EVENT_TIME else []
-    kinds = {"up": "BOOLEAN", "ver": "VARCHAR", "lin": "VARCHAR", "et": "BIGINT"}
+    kinds = {"up": "BOOLEAN", "ver": "VARCHAR", "lin": "JSON" if as_json else "VARCHAR"}
+    kinds["et"] = "BIGINT"
     for name in extra:
-        cols.append(f"unnest(${n}::{kinds[name]}[]) AS {name}")
+        cols.append(column(kinds[name], name))
         n += 1
     keys = [
         f"k.k{i}" if types[c] == "VARCHAR" else f"CAST(k.k{i} AS VARCHAR)" for i, c in enumerate(pk)
@@ -121,11 +130,11 @@ def _branch(table: str, first: int) -> tuple[str, int]:
     return sql, n
 
 
-def _statement(tables: tuple[str, ...]) -> str:
+def _statement(tables: tuple[str, ...], as_json: bool = False) -> str:
     parts = []
     n = 4  # $1 at, $2 worker, $3 seq
     for t in tables:
-        sql, n = _branch(t, n)
+        sql, n = _branch(t, n, as_json)
         parts.append(sql)
     return (
         f"INSERT INTO {AUDIT_TABLE} ({', '.join(quote(c) for c, _ in AUDIT_COLUMNS)}) "
@@ -141,7 +150,7 @@ class AuditLog:
         """Settings (retention) and the worker name written into each row."""
         self.settings = settings or AuditSettings()
         self.worker = worker or worker_id()
-        self._statements: dict[tuple[str, ...], str] = {}
+        self._statements: dict[tuple[tuple[str, ...], bool], str] = {}
         self._last_prune = 0.0
         self.rows_written = 0
 
@@ -195,32 +204,47 @@ class AuditLog:
         tables = tuple(t for t in AUDITED if pending.get(t))
         if not tables:
             return
-        sql = self._statements.get(tables)
-        if sql is None:
-            sql = self._statements[tables] = _statement(tables)
-        params: list[Any] = [_now(), self.worker, seq]
         lineage = lineage or {}
         rows_n = 0
-        dumps = orjson.dumps
+        columns: list[list[Any]] = []
+        lineages: list[int] = []  # positions of lineage columns (objects until bound)
         for table in tables:
             changes = pending[table]
             keys = list(changes)
             rows = list(changes.values())
-            params.extend(map(list, zip(*keys, strict=True)))
-            params.append([r is not None for r in rows])
+            columns.extend(map(list, zip(*keys, strict=True)))
+            columns.append([r is not None for r in rows])
             if table == "records":
-                params.append([None if r is None else r[5] for r in rows])
+                columns.append([None if r is None else r[5] for r in rows])
             elif table in _TRACKED:
-                lins = []
-                for k, r in zip(keys, rows, strict=True):
-                    lin = lineage.get((table, k)) if r is not None else None
-                    lins.append(None if lin is None else dumps(lin).decode())
-                params.append(lins)
+                lineages.append(len(columns))
+                get = lineage.get
+                columns.append(
+                    [
+                        None if r is None else get((table, k))
+                        for k, r in zip(keys, rows, strict=True)
+                    ]
+                )
             pos = _EVENT_TIME.get(table)
             if pos is not None:
-                params.append([None if r is None else r[pos] for r in rows])
+                columns.append([None if r is None else r[pos] for r in rows])
             rows_n += len(keys)
-        con.execute(sql, params)
+        # Each column goes as the JSON text of the list: DuckDB parses it without the
+        # GIL, where a Python list is converted value by value while holding it (the
+        # dataflow's thread waits). Values JSON cannot hold exactly go as lists.
+        as_json = True
+        try:
+            bound: list[Any] = [orjson.dumps(col).decode() for col in columns]
+        except TypeError:  # orjson.JSONEncodeError: integers beyond 64 bits, lone surrogates
+            as_json, bound = False, columns
+            dumps = orjson.dumps
+            for i in lineages:
+                bound[i] = [None if lin is None else dumps(lin).decode() for lin in bound[i]]
+        key = (tables, as_json)
+        sql = self._statements.get(key)
+        if sql is None:
+            sql = self._statements[key] = _statement(tables, as_json)
+        con.execute(sql, [_now(), self.worker, seq, *bound])
         self.rows_written += rows_n
         if self.settings.retention_days and (
             time.monotonic() - self._last_prune >= self.settings.prune_every_s

@@ -239,3 +239,60 @@ def test_flow_audits_every_view_row_with_its_lineage(tmp_path: Path, monkeypatch
         )
     gone = [k for (t, k), (a, _) in latest.items() if t == "order_status" and a == "delete"]
     assert not set(gone) & set(views.order_status)
+
+
+class _NoJsonLists:
+    """orjson for the audit module, except that lists cannot be written (as for a
+    column holding an integer beyond 64 bits): every column then goes as a list."""
+
+    @staticmethod
+    def dumps(value, *args, **kwargs):
+        if isinstance(value, list):
+            raise TypeError("not JSON")
+        return orjson.dumps(value, *args, **kwargs)
+
+
+@pytest.mark.parametrize("as_json", [True, False])
+def test_audit_rows_are_the_same_whether_bound_as_json_or_as_lists(
+    tmp_path: Path, monkeypatch, as_json: bool
+) -> None:
+    """Columns go to DuckDB as JSON texts (parsed without the GIL); a commit with a
+    value JSON cannot hold exactly goes as Python lists, with the same rows."""
+    from sferp.connectors import audit_log
+
+    if not as_json:
+        monkeypatch.setattr(audit_log, "orjson", _NoJsonLists)
+    key = "801A"
+    path = tmp_path / "v.duckdb"
+    w = writer(path)
+    lin = {"salesforce": f"sf|Order|tx1|1|{key}", "erp": None}
+    w.write_batch(
+        [
+            {
+                "order_status": {(key,): order_row(key, "DRAFT"), ("802B",): None},
+                "_lineage": {("order_status", (key,)): lin},
+                "records": {("salesforce", "Order", key): rec(key, "1:2:3")},
+                "inventory_live": {("SKU-1",): ("SKU-1", 5, 1, 1, 3, T0)},
+                "dead_letters": {("sf.cdc", 2, 7): ("sf.cdc", 2, 7, "not_json", "x")},
+            }
+        ]
+    )
+    forms = {form for _, form in w._audit._statements}
+    w.close()
+    assert forms == {as_json}
+    rows = audit(path)
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        ("dead_letters", "sf.cdc:2:7", "upsert"),
+        ("inventory_live", "SKU-1", "upsert"),
+        ("order_status", "801A", "upsert"),
+        ("order_status", "802B", "delete"),
+        ("records", "salesforce:Order:801A", "upsert"),
+    ]
+    got = [None if r[3] is None else orjson.loads(r[3]) for r in rows]
+    assert got == [
+        {"input": "sf.cdc:2:7"},
+        None,  # no lineage attached to it
+        lin,
+        None,  # a delete carries no lineage
+        {"salesforce": "sf|Order|801A@1:2:3"},
+    ]
