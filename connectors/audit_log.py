@@ -98,8 +98,8 @@ def _branch(table: str, first: int, as_json: bool = False) -> tuple[str, int]:
     extra = ["up"] + (["ver"] if table == "records" else [])
     extra += ["lin"] if table in _TRACKED else []
     extra += ["et"] if table in _EVENT_TIME else []
-    kinds = {"up": "BOOLEAN", "ver": "VARCHAR", "lin": "JSON" if as_json else "VARCHAR"}
-    kinds["et"] = "BIGINT"
+    kinds = {"up": "BOOLEAN", "ver": "VARCHAR", "et": "BIGINT"}
+    kinds["lin"] = "JSON" if as_json else "VARCHAR"  # lineage objects, or their texts
     for name in extra:
         cols.append(column(kinds[name], name))
         n += 1
