@@ -6,7 +6,7 @@ record is the record, its packed JSON text and a stamp `((ts, commit, seq),
 identity)` of five more objects; frozen, it is one `bytes` object:
 
 - the stamps' integers inline;
-- of each identity, only what is not the record's own entity and key (`_affixes`);
+- of each identity, only what is not the record's own entity and key (`affixes_of`);
 - the fields as a shape id (their names, kept once per shard in `Shapes`) and the
   JSON array of their values, instead of JSON text with every name in it.
 
@@ -126,11 +126,11 @@ def _decode(data: bytes) -> str:
 
 
 # An identity's length with this bit set: only the part between the record's
-# identity prefix and suffix is written (see `_affixes`).
+# identity prefix and suffix is written (see `affixes_of`).
 _SHORT = 1 << 31
 
 
-def _affixes(source: str, entity: str, key: str) -> tuple[str, str]:
+def affixes_of(source: str, entity: str, key: str) -> tuple[str, str]:
     """What every identity of this record's own events starts and ends with.
 
     A Salesforce event's identity is `sf|<entity>|<transactionKey>|<seq>|<record Ids>`
@@ -145,13 +145,21 @@ def _affixes(source: str, entity: str, key: str) -> tuple[str, str]:
     return f"erp|{entity}|{key}|", ""
 
 
+def inner_identity(identity: str, affixes: tuple[str, str]) -> str | None:
+    """What `identity` holds between `affixes` (prefix, suffix), or None if it lacks them."""
+    pre, suf = affixes
+    if identity.startswith(pre) and identity.endswith(suf) and len(identity) >= len(pre) + len(suf):
+        return identity[len(pre) : len(identity) - len(suf)]
+    return None
+
+
 def _stamp(stamp: tuple, affixes: tuple[str, str]) -> bytes:
     order, identity = stamp
-    pre, suf = affixes
     n = len(order)
-    s = _ORDER.get(n) or _order_struct(n)
-    if identity.startswith(pre) and identity.endswith(suf) and len(identity) >= len(pre) + len(suf):
-        ident = _encode(identity[len(pre) : len(identity) - len(suf)])
+    s = _order_struct(n)
+    inner = inner_identity(identity, affixes)
+    if inner is not None:
+        ident = _encode(inner)
         return s.pack(n, *order, len(ident) | _SHORT) + ident
     ident = _encode(identity)
     return s.pack(n, *order, len(ident)) + ident
@@ -197,7 +205,7 @@ def freeze(
 ) -> bytes | None:
     """The cold form of the packed record `rec` at `rkey` (source, entity, key) whose
     fields (or ERP image) are `fields`, or None when its shape does not freeze."""
-    affixes = _affixes(*rkey)
+    affixes = affixes_of(*rkey)
     if type(rec) is SfRecord:
         return _freeze_sf(rec, fields, shapes, affixes)
     return _freeze_erp(rec, fields, shapes, affixes)  # type: ignore[arg-type]
@@ -209,7 +217,7 @@ def thaw(rkey: tuple[str, str, str], blob: bytes, shapes: Shapes) -> SfRecord | 
     A record frozen with a shape thaws with its fields (ERP: image) as a dict, the
     form a change needs anyway; one frozen as JSON text thaws packed.
     """
-    affixes = _affixes(*rkey)
+    affixes = affixes_of(*rkey)
     if rkey[0] == SALESFORCE:
         return _thaw_sf(blob, shapes, affixes)
     return _thaw_erp(blob, shapes, affixes)
@@ -234,10 +242,7 @@ def _join(
     if rec.routed is not None:
         flags |= _ROUTED
         parts.append(_text(rec.routed))
-    names = tuple(fields)
-    shape = shapes.index.get(names)
-    if shape is None:
-        shape = shapes.id_of(names)
+    shape = shapes.id_of(tuple(fields))
     values = None
     if shape is not None:
         try:

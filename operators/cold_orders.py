@@ -24,6 +24,9 @@ import marshal
 from decimal import Decimal
 from typing import Any
 
+from sferp.events import SALESFORCE
+
+from .cold import affixes_of, inner_identity
 from .facts import ErpOrderFact, OrderFact
 from .numbers import ZERO
 
@@ -41,10 +44,8 @@ def _undec(text: str | None) -> Decimal | None:
 
 def _order_identity(identity: str, oid: str) -> str | tuple[str]:
     """`sf|Order|<middle>|<oid>` as `(middle,)` (28 bytes less), any other identity whole."""
-    pre, suf = "sf|Order|", "|" + oid
-    if identity.startswith(pre) and identity.endswith(suf) and len(identity) > len(pre + suf):
-        return (identity[len(pre) : len(identity) - len(suf)],)
-    return identity
+    inner = inner_identity(identity, affixes_of(SALESFORCE, "Order", oid))
+    return identity if inner is None else (inner,)
 
 
 def _erp_identity(e: ErpOrderFact) -> str | None:
@@ -90,7 +91,11 @@ def thaw(oid: str, blob: bytes, node: Any) -> Any:
     if o is None:
         order = None
     else:
-        ident = o[7] if type(o[7]) is str else f"sf|Order|{o[7][0]}|{oid}"
+        if type(o[7]) is str:
+            ident = o[7]
+        else:
+            pre, suf = affixes_of(SALESFORCE, "Order", oid)
+            ident = f"{pre}{o[7][0]}{suf}"
         order = OrderFact(oid, *o[:7], ident)
     node.order = order
     node.items = items
