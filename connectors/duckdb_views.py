@@ -66,6 +66,8 @@ from sferp.connectors.duckdb_schema import (
 from sferp.connectors.query_server import QueryServer
 from sferp.operators.numbers import decimal_text
 
+from sferp.priority import call_lowered, lower_this_thread
+
 RowValue = str | int | bool | Decimal | float | None
 ViewDelta = dict[str, dict[tuple[RowValue, ...], tuple[RowValue, ...] | None]]
 """Table name -> {primary key tuple: full row tuple in column order, or None to delete}."""
@@ -267,6 +269,7 @@ class DuckDBViewsSink(FixedPartitionedSink[ViewDelta, int]):
         audit: AuditSettings | None = None,
         protect: Any = None,
         memory_limit_mb: int = DEFAULT_MEMORY_LIMIT_MB,
+        nice: int = 0,
     ) -> None:
         """Store the settings; nothing is opened before `build_part`.
 
@@ -281,6 +284,8 @@ class DuckDBViewsSink(FixedPartitionedSink[ViewDelta, int]):
         `audit` keeps the `audit_log` table (connectors/audit_log.py); `protect` (a
         `sferp.protect.Protector`) encrypts the configured fields of each commit.
         `memory_limit_mb` bounds DuckDB's memory in the writer's process (`views.memory_limit_mb`).
+        `nice` lowers the priority of the commit thread and DuckDB's threads by that
+        much (`flow.background_nice`, sferp/priority.py).
         """
         if commit_interval_s < 0:
             raise ValueError("commit_interval_s must be >= 0")
@@ -300,6 +305,7 @@ class DuckDBViewsSink(FixedPartitionedSink[ViewDelta, int]):
         self.audit = audit
         self.protect = protect
         self.memory_limit_mb = memory_limit_mb
+        self.nice = nice
 
     def list_parts(self) -> list[str]:
         """The single partition (when this process may write); built on exactly one worker."""
@@ -326,6 +332,7 @@ class DuckDBViewsSink(FixedPartitionedSink[ViewDelta, int]):
             audit=self.audit,
             protect=self.protect,
             memory_limit_mb=self.memory_limit_mb,
+            nice=self.nice,
         )
 
 
@@ -347,8 +354,14 @@ class ViewsWriterPartition(StatefulSinkPartition[ViewDelta, int]):
         audit: AuditSettings | None = None,
         protect: Any = None,
         memory_limit_mb: int = DEFAULT_MEMORY_LIMIT_MB,
+        nice: int = 0,
     ) -> None:
-        """Open `path` read-write, recover it to `resume_state`, start the query endpoint."""
+        """Open `path` read-write, recover it to `resume_state`, start the query endpoint.
+
+        With `nice` > 0, DuckDB's threads and the commit thread run that much lower in
+        priority than the worker (sferp/priority.py); commits the worker makes itself
+        (snapshots, a backlog) keep the worker's priority.
+        """
         self.path = path
         self._undo = undo
         self._audit = AuditLog(audit) if audit is not None else None
@@ -366,7 +379,7 @@ class ViewsWriterPartition(StatefulSinkPartition[ViewDelta, int]):
         self._closed = False
         self.commits = 0  # commits made by this partition (for tests and metrics)
         self._memory_limit_mb = memory_limit_mb
-        self._con = _connect_writer(path, memory_limit_mb)
+        self._con = call_lowered(lambda: _connect_writer(path, memory_limit_mb), nice)
         try:
             self._seq, self._base = self._open(resume_state)
         except BaseException:
@@ -386,7 +399,7 @@ class ViewsWriterPartition(StatefulSinkPartition[ViewDelta, int]):
         if commit_interval_s > 0:
             flusher = threading.Thread(
                 target=_flush_loop,
-                args=(weakref.ref(self), self._stop, self._due, commit_interval_s),
+                args=(weakref.ref(self), self._stop, self._due, commit_interval_s, nice),
                 name="sferp-views-flusher",
                 daemon=True,
             )
@@ -698,8 +711,10 @@ def _flush_loop(
     stop: threading.Event,
     due: threading.Event,
     every: float,
+    nice: int = 0,
 ) -> None:
     """Commit pending rows when a commit is due, or when items stop arriving."""
+    lower_this_thread(nice)
     wait = every
     while not stop.is_set():
         due.wait(wait)

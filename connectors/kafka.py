@@ -659,6 +659,7 @@ class KafkaSink(DynamicSink[SinkItem]):
         client_config: dict[str, Any] | None = None,
         producer_config: dict[str, Any] | None = None,
         own_process: bool = False,
+        nice: int = 0,
     ) -> None:
         """Validate and store settings; the producer is created per worker in `build`.
 
@@ -670,6 +671,8 @@ class KafkaSink(DynamicSink[SinkItem]):
         :arg own_process: run the producer in a child process
             (`kafka_producer_proc`): for outputs busy enough that kafka-python's
             per-record cost would hold the worker's GIL.
+        :arg nice: with `own_process`, run the child that much lower in priority
+            than the worker (`flow.background_nice`, sferp/priority.py).
         """
         if not bootstrap:
             raise ValueError("bootstrap must name at least one broker")
@@ -678,6 +681,7 @@ class KafkaSink(DynamicSink[SinkItem]):
         self._client_config = _check_settings(client_config or {}, known, "producer")
         self._producer_config = _check_settings(producer_config or {}, known, "producer")
         self._own_process = own_process
+        self._nice = nice
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> Any:
         """Create this worker's producer (a `_KafkaSinkPartition` or a `ProducerProcess`)."""
@@ -697,7 +701,7 @@ class KafkaSink(DynamicSink[SinkItem]):
         if self._own_process:
             from sferp.connectors.kafka_producer_proc import ProducerProcess
 
-            return ProducerProcess(config, self._bootstrap)
+            return ProducerProcess(config, self._bootstrap, self._nice)
         try:
             producer = KafkaProducer(**config)
         except KafkaError as exc:

@@ -26,14 +26,17 @@ from typing import Any
 from bytewax.outputs import StatelessSinkPartition
 from sferp.connectors.kafka import KafkaConnectorError, SinkItem, _KafkaSinkPartition
 
+from sferp.priority import lower_process
+
 __all__ = ["ProducerProcess"]
 
 _SEND, _FLUSH, _CLOSE = 0, 1, 2
 _READY_TIMEOUT_S = 60.0
 
 
-def _serve(conn: Any, config: dict[str, Any], bootstrap: str) -> None:
+def _serve(conn: Any, config: dict[str, Any], bootstrap: str, nice: int = 0) -> None:
     """Child: run one producer; answer flush/close with (ok, failure text or None)."""
+    lower_process(nice)  # background work: the worker thread keeps its core
     from kafka import KafkaProducer
     from kafka.errors import KafkaError
 
@@ -80,12 +83,14 @@ def _serve(conn: Any, config: dict[str, Any], bootstrap: str) -> None:
 class ProducerProcess(StatelessSinkPartition[SinkItem]):
     """The `_KafkaSinkPartition` interface, backed by a producer in a child process."""
 
-    def __init__(self, config: dict[str, Any], bootstrap: str) -> None:
+    def __init__(self, config: dict[str, Any], bootstrap: str, nice: int = 0) -> None:
+        """Start the child (at `nice` lower priority than this process) and wait until it
+        has connected."""
         ctx = multiprocessing.get_context("spawn")  # never fork a process running threads
         self._bootstrap = bootstrap
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(
-            target=_serve, args=(child, config, bootstrap), name="sferp-producer", daemon=True
+            target=_serve, args=(child, config, bootstrap, nice), name="sferp-producer", daemon=True
         )
         self._proc.start()
         child.close()

@@ -341,6 +341,7 @@ def build_flow(settings: Settings, opts: FlowOptions) -> Dataflow:
         audit=audit,
         protect=protector,
         memory_limit_mb=settings.views.memory_limit_mb,
+        nice=fs.background_nice,
     )
     op.output("views", deltas, probe.views_sink(views_sink) if probe else views_sink)
     if sf_api and settings.salesforce.writeback:
@@ -351,7 +352,12 @@ def build_flow(settings: Settings, opts: FlowOptions) -> Dataflow:
         # with recovery, a mirror brings the compacted topics back to the snapshot on resume.
         records = op.filter_map_value("kafka_records", coordinated, lambda out: out[1] or None)
         kafka_sink = ReconciledKafkaSink(
-            KafkaSink(settings.kafka.bootstrap, client_config=client_config, own_process=True),
+            KafkaSink(
+                settings.kafka.bootstrap,
+                client_config=client_config,
+                own_process=True,
+                nice=fs.background_nice,
+            ),
             compacted=(topics.out_inventory, topics.out_orders, topics.out_exceptions),
             mirror=mirror_path(opts.views_path or settings.views.path) if rec else None,
             writer=opts.writer,

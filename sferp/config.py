@@ -104,6 +104,9 @@ class FlowSettings(_Section):
     # Live reading: each partition's records wait for the next multiple of this on the wall
     # clock, so all partitions hand over together (fewer, larger batches; README "Performance").
     linger_ms: int = Field(100, ge=0, le=10_000)
+    # Added to the nice value of the views writer's commits (and DuckDB's threads) and of
+    # the Kafka output producer: a worker thread keeps its core (sferp/priority.py).
+    background_nice: int = Field(10, ge=0, le=19)
 
 
 class ViewSettings(_Section):

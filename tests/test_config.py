@@ -58,6 +58,7 @@ def test_env_list_setting():
         ("[kafka]\nbootstrap = 'no-port'\n", "kafka.bootstrap"),
         ("[views]\nmemory_limit_mb = 8\n", "views.memory_limit_mb"),
         ("[flow]\nlinger_ms = -5\n", "flow.linger_ms"),
+        ("[flow]\nbackground_nice = 20\n", "flow.background_nice"),
         ("[kafka]\nsasl_password = 'hunter2'\n", "kafka.sasl_password"),
         ("not toml [", "TOML"),
     ],
