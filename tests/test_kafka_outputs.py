@@ -140,3 +140,28 @@ def test_sink_restores_the_compacted_topics_after_a_crash(broker, topics, tmp_pa
         ReconciledKafkaSink(KafkaSink(broker.bootstrap), compacted=[], writer=False).list_parts()
         == []
     )
+
+
+@pytest.mark.parametrize("with_mirror", [False, True])
+def test_only_a_recoverable_sink_waits_for_deliveries_at_snapshots(
+    broker, topics, tmp_path, with_mirror
+):
+    """Without recovery no resume state is used: the worker does not wait for the
+    producer at snapshots, and `close` still delivers everything."""
+    inv = topics({"inv": 1})["inv"]
+    mirror = str(tmp_path / "m.sqlite3") if with_mirror else None
+    sink = ReconciledKafkaSink(
+        KafkaSink(broker.bootstrap, own_process=True), compacted=[inv], mirror=mirror
+    )
+    part = sink.build_part("kafka_out", "kafka", None)
+    flushes = []
+    real_flush = part._producer.flush
+    part._producer.flush = lambda: (flushes.append(1), real_flush())[1]
+    part.write_batch([[rec(inv, f"K{i}", i) for i in range(20)]])
+    snap = part.snapshot()
+    assert (snap is not None) is with_mirror
+    assert len(flushes) == (1 if with_mirror else 0)
+    part.close()
+    assert {m.key.decode(): json.loads(m.value) for m in read_topic(broker.bootstrap, inv)} == {
+        f"K{i}": i for i in range(20)
+    }
