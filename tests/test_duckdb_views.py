@@ -843,3 +843,20 @@ def test_rows_that_came_during_a_long_commit_commit_right_after_it(
     # The first commit ends ~1.5 s after it started; from its end, another interval
     # (1 s) would have passed before the second one.
     assert took < 2.2, took
+
+
+def test_a_writer_that_falls_behind_commits_inline_past_the_backlog(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The flusher (lower priority) may lag: past `_BACKLOG_ROWS` pending rows the worker
+    commits itself, so pending rows (memory) stay bounded; below it, nothing waits."""
+    monkeypatch.setattr(duckdb_views, "_BACKLOG_ROWS", 100)
+    path = tmp_path / "v.duckdb"
+    w = writer(path, commit_interval_s=3600)  # the flusher would not commit for an hour
+    rows = {(f"k{i}",): (f"k{i}", 1, 1, 0, 0, 0, 0) for i in range(100)}
+    w.write_batch([{"flow_stats": rows}])
+    assert w.commits == 0 and len(w._pending["flow_stats"]) == 100
+    w.write_batch([{"flow_stats": {("x",): ("x", 1, 1, 0, 0, 0, 0)}}])
+    assert w.commits == 1 and not w._pending
+    w.close()
+    assert len(read_tables(path)["flow_stats"]) == 101
