@@ -112,9 +112,9 @@ def checkpoint_threshold_mb(memory_limit_mb: int) -> int:
 # Pending rows beyond which the worker commits inline instead of leaving it to
 # the flusher thread: bounds the memory of a writer that falls behind. The flusher
 # runs at a lower priority (`flow.background_nice`), so during a catch-up it falls
-# behind: a 1,000,000-record initial load peaked at 1.47-1.53 GB with 500,000 here
-# and 1.41-1.46 GB with 200,000 (1.42-1.47 GB at equal priorities), in 67-69 s
-# instead of 70-72 s. Live commits carry 20,000-45,000 rows at 80 % load.
+# behind: a 1,000,000-record initial load peaked at 1,438-1,490 MiB with 500,000
+# here and 1,376-1,424 MiB with 200,000 (1,389-1,433 MiB at equal priorities), in
+# 67-69 s instead of 70-72 s. Live commits carry 20,000-45,000 rows at 80 % load.
 _BACKLOG_ROWS = 200_000
 
 

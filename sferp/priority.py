@@ -5,11 +5,13 @@ run the views writer (its commit thread and DuckDB's own threads), the Kafka out
 producer's process, and often the broker. Linux shares the cores evenly between
 runnable threads, so whenever they are all busy the worker waits its turn like the
 rest: in a live run at 80 % of one worker's capacity on 2 cores, the worker thread
-waited for a core 17.7 % of the time, while its backlog grew. Background work at a
-higher nice value yields the core and catches up when the worker leaves it idle
-(the views commit coalesces what piled up meanwhile; its backlog stays bounded).
-Measured with `flow.background_nice = 10` (README "Performance"): the same thread's
-wait fell to 11 %, and bounded runs took 5 % less time.
+waited for a core 17.7 % of the time (the kernel's schedstat), while its backlog
+grew. Background work at a higher nice value yields the core and catches up when
+the worker leaves it idle (the views commit coalesces what piled up meanwhile, and
+past a backlog the worker commits itself: duckdb_views._BACKLOG_ROWS). With the
+background at nice 19 the worker's wait fell to 11.3 %; with the default
+`flow.background_nice = 10`, bounded runs took 5.7 % less time and live p99
+latency at 80 % load fell (README "Performance and capacity planning").
 
 Linux only: it has per-thread nice values, which threads inherit when they start.
 Elsewhere nothing changes. Raising one's own nice value needs no privilege.
