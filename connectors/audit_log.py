@@ -38,6 +38,7 @@ from typing import Any
 
 import duckdb
 import orjson
+from sferp.connectors.duckdb_params import json_or_lists
 from sferp.connectors.duckdb_schema import (
     AUDIT_COLUMNS,
     AUDIT_TABLE,
@@ -229,14 +230,10 @@ class AuditLog:
             if pos is not None:
                 columns.append([None if r is None else r[pos] for r in rows])
             rows_n += len(keys)
-        # Each column goes as the JSON text of the list: DuckDB parses it without the
-        # GIL, where a Python list is converted value by value while holding it (the
-        # dataflow's thread waits). Values JSON cannot hold exactly go as lists.
-        as_json = True
-        try:
-            bound: list[Any] = [orjson.dumps(col).decode() for col in columns]
-        except TypeError:  # orjson.JSONEncodeError: integers beyond 64 bits, lone surrogates
-            as_json, bound = False, columns
+        # JSON texts where they can be, as the views rows (connectors/duckdb_params.py);
+        # as lists, the lineage objects go as their JSON texts.
+        as_json, bound = json_or_lists(columns)
+        if not as_json:
             dumps = orjson.dumps
             for i in lineages:
                 bound[i] = [None if lin is None else dumps(lin).decode() for lin in bound[i]]

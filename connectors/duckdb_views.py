@@ -52,9 +52,9 @@ from decimal import Decimal
 from typing import Any
 
 import duckdb
-import orjson
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 from sferp.connectors.audit_log import LINEAGE, AuditLog, AuditSettings
+from sferp.connectors.duckdb_params import json_or_lists
 from sferp.connectors.duckdb_schema import (
     PRIMARY_KEYS,
     SCHEMA,
@@ -64,7 +64,6 @@ from sferp.connectors.duckdb_schema import (
     schema_problems,
 )
 from sferp.connectors.query_server import QueryServer
-from sferp.operators.numbers import decimal_text
 
 from sferp.priority import call_lowered, lower_this_thread
 
@@ -152,23 +151,10 @@ def _unnest_expr(col: str, ty: str, n: int, as_json: bool = False) -> str:
     return f"unnest(${n}::{ty}[]) AS {quote(col)}"
 
 
-_dumps = orjson.dumps
-
-
 def bind_columns(rows: Iterable[tuple[Any, ...]]) -> tuple[bool, list[Any]]:
-    """Column parameters of a batch: `(True, JSON texts)`, else `(False, lists)`.
-
-    Binding a Python list makes DuckDB convert every value while it holds the GIL
-    (measured: ~20 ms for 120k values, the dataflow stalled meanwhile); the JSON text
-    of the list (orjson) binds as one string, and DuckDB parses it without the GIL
-    (~1 ms held). Values orjson cannot write exactly (integers beyond 64 bits, text
-    with lone surrogates) make the batch go as lists.
-    """
-    cols = list(zip(*rows, strict=True))
-    try:
-        return True, [_dumps(col, default=decimal_text).decode() for col in cols]
-    except TypeError:  # orjson.JSONEncodeError is a TypeError
-        return False, [list(col) for col in cols]
+    """Column parameters of a batch of rows: `(True, JSON texts)`, else `(False, lists)`
+    (see connectors/duckdb_params.py)."""
+    return json_or_lists(zip(*rows, strict=True))
 
 
 class _Bulk:

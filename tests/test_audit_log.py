@@ -242,8 +242,8 @@ def test_flow_audits_every_view_row_with_its_lineage(tmp_path: Path, monkeypatch
 
 
 class _NoJsonLists:
-    """orjson for the audit module, except that lists cannot be written (as for a
-    column holding an integer beyond 64 bits): every column then goes as a list."""
+    """orjson for the column binding, except that lists cannot be written (as for a
+    column holding an integer beyond 64 bits): every audit column then goes as a list."""
 
     @staticmethod
     def dumps(value, *args, **kwargs):
@@ -258,10 +258,10 @@ def test_audit_rows_are_the_same_whether_bound_as_json_or_as_lists(
 ) -> None:
     """Columns go to DuckDB as JSON texts (parsed without the GIL); a commit with a
     value JSON cannot hold exactly goes as Python lists, with the same rows."""
-    from sferp.connectors import audit_log
+    from sferp.connectors import duckdb_params
 
     if not as_json:
-        monkeypatch.setattr(audit_log, "orjson", _NoJsonLists)
+        monkeypatch.setattr(duckdb_params, "orjson", _NoJsonLists)
     key = "801A"
     path = tmp_path / "v.duckdb"
     w = writer(path)
