@@ -138,6 +138,9 @@ def run_flow(settings: Settings, opts: RunOptions) -> int:
     from bytewax._bytewax import cli_main
 
     from sferp.flows.reconcile import FlowOptions, build_flow
+    from sferp.native_heap import fix_malloc_thresholds
+
+    fix_malloc_thresholds()  # before the flow allocates: see sferp/native_heap.py
 
     if opts.preflight:
         # Fail with one clear line before Bytewax starts (it reports errors raised
