@@ -24,6 +24,7 @@ from typing import Any
 from kafka.consumer.fetcher import Fetcher
 from kafka.errors import CorruptRecordError
 from kafka.record.default_records import DefaultRecordBase
+from kafka.record.util import calc_crc32c
 
 from sferp.events import RawMessage
 
@@ -34,6 +35,16 @@ log = logging.getLogger("sferp.kafka")
 _READ_UNCOMMITTED = 0
 _LOG_APPEND_TIME = DefaultRecordBase.TIMESTAMP_TYPE_MASK
 _CONTROL = DefaultRecordBase.CONTROL_MASK
+# A v2 batch is read in place, from the fetched response's bytes, when it is
+# neither compressed nor a control batch (nor, when reading committed only, part
+# of a transaction): kafka-python would copy it twice first (into its batch's
+# bytearray, then to bytes for the parser), 1 MB at a time for batches as large
+# as the benchmark's, a fresh memory mapping each (sferp/native_heap.py).
+_HEADER = DefaultRecordBase.HEADER_STRUCT
+_MAGIC_AT = DefaultRecordBase.CRC_OFFSET - 1
+_CRC_FROM = DefaultRecordBase.ATTRIBUTES_OFFSET
+_IN_PLACE_EXCLUDED = DefaultRecordBase.CODEC_MASK | _CONTROL
+_IN_PLACE_NEEDED = ("_next_slice", "_pos", "_cache_next")
 
 
 def _varint(buf: bytes, pos: int) -> tuple[int, int]:
@@ -64,21 +75,23 @@ def parse_records(
     log_append_time: bool,
     topic: str,
     partition: int,
+    end: int | None = None,
 ) -> list[RawMessage]:
     """The `count` records of a v2 batch body starting at `pos` (headers skipped).
 
     `timestamp` is the batch's first timestamp, or its max timestamp when the
-    batch uses log-append time (then every record has it).
+    batch uses log-append time (then every record has it). `end` is where the
+    batch ends in `buf` (default: the end of `buf`); no record may run past it.
     """
     out: list[RawMessage] = []
     append = out.append
     varint = _varint
-    size = len(buf)
+    size = len(buf) if end is None else end
     try:
         for _ in range(count):
             length, pos = varint(buf, pos)
-            end = pos + length
-            if length < 0 or end > size:
+            stop = pos + length
+            if length < 0 or stop > size:
                 raise CorruptRecordError(f"record length {length} beyond the batch")
             # Attributes (int8), then TimestampDelta, OffsetDelta, Key, Value.
             ts_delta, pos = varint(buf, pos + 1)
@@ -95,7 +108,7 @@ def parse_records(
                 pos += n
             else:
                 value = None
-            if pos > end:
+            if pos > stop:
                 raise CorruptRecordError("record fields run past the record length")
             append(
                 RawMessage(
@@ -107,7 +120,7 @@ def parse_records(
                     timestamp if log_append_time else timestamp + ts_delta,
                 )
             )
-            pos = end  # headers are not used
+            pos = stop  # headers are not used
     except IndexError:
         raise CorruptRecordError("record batch ends inside a record") from None
     return out
@@ -123,10 +136,46 @@ class _FastPartitionRecords(Fetcher.PartitionRecords):  # type: ignore[misc]
             yield from super()._unpack_records(tp, records, key_deserializer, value_deserializer)
             return
         topic, partition = tp.topic, tp.partition
-        batch = records.next_batch()
-        last_batch = None
-        while batch is not None:
-            last_batch = batch
+        buf = getattr(records, "_buffer", None)
+        in_place = type(buf) is bytes and all(hasattr(records, n) for n in _IN_PLACE_NEEDED)
+        any_txn = self.isolation_level == _READ_UNCOMMITTED
+        next_offset = None  # after the last v2 batch read
+        while True:
+            view = records._next_slice if in_place else None
+            if view is not None and len(view) > _HEADER.size and view[_MAGIC_AT] == 2:
+                head = _HEADER.unpack_from(view)
+                if not head[5] & _IN_PLACE_EXCLUDED and (any_txn or head[9] < 0):
+                    # An uncompressed batch of plain records: read where it lies.
+                    at = records._pos - len(view)
+                    records._cache_next()
+                    if self.check_crcs and calc_crc32c(view[_CRC_FROM:]) != head[4]:
+                        raise CorruptRecordError(
+                            f"record batch of {tp} at offset {head[0]} failed its CRC check"
+                        )
+                    self.leader_epoch = head[2]
+                    log_append = bool(head[5] & _LOG_APPEND_TIME)
+                    msgs = parse_records(
+                        buf,  # type: ignore[arg-type]
+                        at + _HEADER.size,
+                        head[12],
+                        head[0],
+                        head[8] if log_append else head[7],
+                        log_append,
+                        topic,
+                        partition,
+                        at + len(view),
+                    )
+                    self.records_read += len(msgs)
+                    self.bytes_read += len(view)
+                    for m in msgs:
+                        self.next_fetch_offset = m.offset + 1
+                        yield m
+                    next_offset = head[0] + head[6] + 1
+                    continue
+            batch = records.next_batch()
+            if batch is None:
+                break
+            next_offset = None
             if self.check_crcs and not batch.validate_crc():
                 raise CorruptRecordError(
                     f"record batch of {tp} at offset {batch.base_offset} failed its CRC check"
@@ -135,21 +184,19 @@ class _FastPartitionRecords(Fetcher.PartitionRecords):  # type: ignore[misc]
                 for r in batch:
                     self.next_fetch_offset = r.offset + 1
                     yield RawMessage(topic, partition, r.offset, r.key, r.value, r.timestamp)
-                batch = records.next_batch()
                 continue
+            next_offset = batch.next_offset
             self.leader_epoch = batch.leader_epoch
             attributes = batch.attributes
-            if self.isolation_level != _READ_UNCOMMITTED and batch.has_producer_id():
+            if not any_txn and batch.has_producer_id():
                 self._consume_aborted_transactions_up_to(batch.last_offset)
                 if self._contains_abort_marker(batch):
                     self.aborted_producer_ids.discard(batch.producer_id)
                 elif self._is_batch_aborted(batch):
                     self.next_fetch_offset = batch.next_offset
-                    batch = records.next_batch()
                     continue
             if attributes & _CONTROL:
                 self.next_fetch_offset = batch.next_offset
-                batch = records.next_batch()
                 continue
             batch._maybe_uncompress()
             log_append = bool(attributes & _LOG_APPEND_TIME)
@@ -168,9 +215,8 @@ class _FastPartitionRecords(Fetcher.PartitionRecords):  # type: ignore[misc]
             for m in msgs:
                 self.next_fetch_offset = m.offset + 1
                 yield m
-            batch = records.next_batch()
-        if last_batch is not None and last_batch.magic == 2:
-            self.next_fetch_offset = last_batch.next_offset
+        if next_offset is not None:
+            self.next_fetch_offset = next_offset
         self.drain()
 
 

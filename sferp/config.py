@@ -107,6 +107,9 @@ class FlowSettings(_Section):
     # Added to the nice value of the views writer's commits (and DuckDB's threads) and of
     # the Kafka output producer: a worker thread keeps its core (sferp/priority.py).
     background_nice: int = Field(10, ge=0, le=19)
+    # glibc keeps its mmap threshold at 128 KiB instead of raising it to every large
+    # block freed: freed large blocks go back to the system (sferp/native_heap.py).
+    return_freed_memory: bool = True
 
 
 class ViewSettings(_Section):

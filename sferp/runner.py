@@ -140,7 +140,8 @@ def run_flow(settings: Settings, opts: RunOptions) -> int:
     from sferp.flows.reconcile import FlowOptions, build_flow
     from sferp.native_heap import fix_malloc_thresholds
 
-    fix_malloc_thresholds()  # before the flow allocates: see sferp/native_heap.py
+    if settings.flow.return_freed_memory:
+        fix_malloc_thresholds()  # before the flow allocates: see sferp/native_heap.py
 
     if opts.preflight:
         # Fail with one clear line before Bytewax starts (it reports errors raised

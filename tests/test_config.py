@@ -59,6 +59,7 @@ def test_env_list_setting():
         ("[views]\nmemory_limit_mb = 8\n", "views.memory_limit_mb"),
         ("[flow]\nlinger_ms = -5\n", "flow.linger_ms"),
         ("[flow]\nbackground_nice = 20\n", "flow.background_nice"),
+        ("[flow]\nreturn_freed_memory = 'sometimes'\n", "flow.return_freed_memory"),
         ("[kafka]\nsasl_password = 'hunter2'\n", "kafka.sasl_password"),
         ("not toml [", "TOML"),
     ],

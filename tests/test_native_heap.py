@@ -64,16 +64,27 @@ def test_tunables_from_the_environment_are_left_as_they_are():
     assert mapped == 0
 
 
-def test_the_flow_runner_sets_it_before_anything_else(monkeypatch):
+@pytest.mark.parametrize("setting, called", [(True, True), (False, False)])
+def test_the_flow_runner_sets_it_first_unless_turned_off(monkeypatch, setting, called):
     from sferp import runner
     from sferp.config import Settings
 
     class Called(Exception):
         pass
 
+    class NotCalled(Exception):
+        pass
+
     def fix() -> bool:
         raise Called
 
+    def preflight(*_a, **_k):  # the next thing run_flow does
+        raise NotCalled
+
+    import sferp.connectors.kafka as kafka_connector
+
     monkeypatch.setattr(native_heap, "fix_malloc_thresholds", fix)
-    with pytest.raises(Called):
-        runner.run_flow(Settings(), runner.RunOptions(preflight=True))
+    monkeypatch.setattr(kafka_connector, "list_partitions", preflight)
+    settings = Settings.model_validate({"flow": {"return_freed_memory": setting}})
+    with pytest.raises(Called if called else NotCalled):
+        runner.run_flow(settings, runner.RunOptions(preflight=True))
