@@ -7,7 +7,10 @@ the consume cost. This reader keeps everything else of the consumer (fetching,
 positions, CRC checks per batch, compression, transactions, control batches)
 and replaces only the loop over the records of an uncompressed or decompressed
 v2 batch: one tight loop per batch that yields `RawMessage`s (headers are
-skipped: the flow does not use them).
+skipped: the flow does not use them). An uncompressed batch of plain records is
+parsed where it lies in the fetched response, without kafka-python's two copies
+of it; compressed, control and (reading committed only) transactional batches
+go through kafka-python's batch objects first.
 
 It is installed per consumer (`install`), never globally, and only when the
 consumer has the internals it was written against; otherwise the consumer keeps
