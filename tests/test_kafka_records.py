@@ -198,3 +198,53 @@ def test_a_record_count_beyond_the_batch_does_not_read_into_the_next_batch():
     buf = _recrc(short) + bytes(_built(_plain, 40))
     with pytest.raises(CorruptRecordError):
         _both(buf)
+
+
+# -- fewer copies of each received response -------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=64), st.lists(st.none() | st.integers(0, 80), max_size=6))
+def test_kafka_bytes_read_with_one_copy_reads_what_kafka_python_reads(payload, reads):
+    from kafka.protocol.frame import KafkaBytes
+    from sferp.connectors.kafka_records import _read_once
+
+    theirs, ours = KafkaBytes(len(payload)), KafkaBytes(len(payload))
+    theirs[:] = ours[:] = payload
+    original = _original_read()
+    for n in reads:
+        want, got = original(theirs, n), _read_once(ours, n)
+        assert type(got) is bytes
+        assert got == want
+        assert ours.tell() == theirs.tell()
+    ours.write(b"x")  # still writable: the view was released
+
+
+def _original_read():
+    def read(self, nbytes=None):  # kafka-python 3.0's KafkaBytes.read, as shipped
+        if nbytes is None:
+            nbytes = len(self) - self._idx
+        start = self._idx
+        self._idx += nbytes
+        if self._idx > len(self):
+            self._idx = len(self)
+        return bytes(self[start : self._idx])
+
+    return read
+
+
+def test_install_makes_received_responses_go_through_the_lean_paths(broker, topics):
+    from kafka.protocol.frame import KafkaBytes
+    from kafka.protocol.parser import KafkaProtocol
+    from sferp.connectors.kafka_records import _read_once
+
+    topic = topics({"t": 1})["t"]
+    p = KafkaProducer(bootstrap_servers=broker.bootstrap)
+    for i in range(500):
+        p.send(topic, value=b"%d" % i * 200, partition=0)
+    p.flush()
+    p.close()
+    got = _read(broker.bootstrap, TopicPartition(topic, 0), 500, fast=True)
+    assert KafkaBytes.read is _read_once
+    assert getattr(KafkaProtocol.receive_bytes, "_sferp", False)
+    assert [m.value for m in got] == [b"%d" % i * 200 for i in range(500)]
