@@ -10,12 +10,16 @@ and the heap fragments between the threads' arenas. Setting the trim threshold
 explicitly turns that adaptation off (glibc's documented side effect) and keeps
 the mapping threshold at 128 KiB; 1 MiB of free space at the top is given back.
 
-Measured, 1 worker, bounded, alternating with and without (peak RSS; wall time):
-- 1,000,000-record initial load: 1,306-1,331 MiB against 1,409-1,452 MiB (three
-  runs each); 66.9-67.6 s against 63.8-67.0 s.
-- 500,000 messages of the benchmark's main stream: 688-713 MiB against 793-828 MiB
-  (six runs each); about 0.8 s (5 %) longer, all of it kernel time for the page
-  faults of fresh mappings and a regrown heap.
+Measured, bounded runs alternating with and without (peak RSS; wall time):
+- 1,000,000-record initial load, 1 worker: 1,306-1,331 MiB against 1,409-1,452 MiB
+  (three runs each); 66.9-67.6 s against 63.8-67.0 s.
+- 500,000 messages of the benchmark's main stream, 1 worker: 696 MiB (three runs)
+  against 816-829 MiB; 15.9-16.3 s against 15.9-16.1 s. Two processes: 18.5 and
+  18.8 s against 17.2 and 18.5 s; with a recovery store, 21.8 and 22.1 s against
+  21.6 and 22.1 s.
+The price is kernel time for the page faults of fresh mappings. It was 5 % of
+the wall time until kafka-python's two needless copies of every fetched
+response went (connectors/kafka_records.py `fewer_response_copies`).
 A 0.5-4 MiB mapping threshold with a 64 MiB trim threshold cost less kernel time
 but kept only part of the saving on the initial load (1,359-1,429 MiB).
 
