@@ -11,8 +11,9 @@ explicitly turns that adaptation off (glibc's documented side effect) and keeps
 the mapping threshold at 128 KiB; 1 MiB of free space at the top is given back.
 
 Measured, bounded runs alternating with and without (peak RSS; wall time):
-- 1,000,000-record initial load, 1 worker: 1,306-1,331 MiB against 1,409-1,452 MiB
-  (three runs each); 66.9-67.6 s against 63.8-67.0 s.
+- 1,000,000-record initial load, 1 worker, two sets of runs on two broker instances:
+  1,306-1,331 and 1,345-1,392 MiB against 1,409-1,452 and 1,409-1,443 MiB;
+  66.9-67.6 and 67.3-69.8 s against 63.8-67.0 and 63.9-67.1 s.
 - 500,000 messages of the benchmark's main stream, 1 worker: 696 MiB (three runs)
   against 816-829 MiB; 15.9-16.3 s against 15.9-16.1 s. Two processes: 18.5 and
   18.8 s against 17.2 and 18.5 s; with a recovery store, 21.8 and 22.1 s against
