@@ -12,9 +12,12 @@ parsed where it lies in the fetched response, without kafka-python's two copies
 of it; compressed, control and (reading committed only) transactional batches
 go through kafka-python's batch objects first.
 
-It is installed per consumer (`install`), never globally, and only when the
-consumer has the internals it was written against; otherwise the consumer keeps
-its own reader and the source converts `ConsumerRecord`s as before. Both paths
+The reader is installed per consumer (`install`), and only when the consumer
+has the internals it was written against; otherwise the consumer keeps its own
+reader and the source converts `ConsumerRecord`s as before. `install` also
+removes two copies of every received response (`fewer_response_copies`); those
+are class attributes of kafka-python's protocol parser, so from then on they
+serve every connection of the process, with the same results. Both paths
 give the same messages (tests/test_kafka_records.py compares them).
 """
 
