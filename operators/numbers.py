@@ -34,9 +34,19 @@ def to_decimal(value: Any) -> Decimal | None:
 
 
 def money(value: Any) -> Decimal | None:
-    """An amount rounded half-even to 2 places."""
+    """An amount rounded half-even to 2 places; None when it has no such rounding.
+
+    Beyond 26 integer digits the rounding does not fit the decimal context's 28
+    digits. The decoders dead-letter amounts that large (`bad_number`) before
+    they reach a view; this keeps a stage alive should one come another way.
+    """
     d = to_decimal(value)
-    return None if d is None else d.quantize(CENT, rounding=ROUND_HALF_EVEN)
+    if d is None:
+        return None
+    try:
+        return d.quantize(CENT, rounding=ROUND_HALF_EVEN)
+    except InvalidOperation:
+        return None
 
 
 def whole(d: Decimal) -> int:
