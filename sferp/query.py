@@ -26,6 +26,7 @@ import http.client
 import os
 import socket
 import sys
+import time
 from typing import Any, TextIO
 
 import duckdb
@@ -43,6 +44,9 @@ from sferp.connectors.query_server import (
 DEFAULT_VIEWS = "data/views.duckdb"
 FORMATS = ("table", "csv", "json")
 CONNECT_TIMEOUT_S = 2.0
+# How long `sferp query` waits for a writer that holds the views file to announce
+# its endpoint (it does so once the views are open and ready; see `fetch`).
+STARTING_WRITER_WAIT_S = 10.0
 
 _NUMERIC_PREFIXES = (
     "TINYINT",
@@ -100,14 +104,38 @@ def run_query(
     return 0
 
 
-def fetch(sql: str, views_path: str, *, max_rows: int, timeout_s: float) -> QueryResult:
-    """Answer `sql` through the running writer when there is one, else from the file."""
-    live = _read_endpoint(views_path)
-    if live is not None:
-        answered = _query_endpoint(live, sql, max_rows=max_rows, timeout_s=timeout_s)
-        if answered is not None:
-            return answered
-    return _query_file(sql, views_path, max_rows=max_rows, timeout_s=timeout_s)
+class _Locked(QueryFailed):
+    """The views file is held by a writer whose query endpoint is not (yet) up."""
+
+
+def fetch(
+    sql: str,
+    views_path: str,
+    *,
+    max_rows: int,
+    timeout_s: float,
+    wait_s: float = STARTING_WRITER_WAIT_S,
+) -> QueryResult:
+    """Answer `sql` through the running writer when there is one, else from the file.
+
+    A writer holds the file from the moment it opens it, but announces its query
+    endpoint only once the views are ready (after a restart it first undoes or
+    replays what the last run left): while the file is locked and no endpoint is
+    announced, wait up to `wait_s` for one.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        live = _read_endpoint(views_path)
+        if live is not None:
+            answered = _query_endpoint(live, sql, max_rows=max_rows, timeout_s=timeout_s)
+            if answered is not None:
+                return answered
+        try:
+            return _query_file(sql, views_path, max_rows=max_rows, timeout_s=timeout_s)
+        except _Locked as exc:
+            if time.monotonic() >= deadline:
+                raise QueryFailed(f"{exc} (waited {wait_s:g} s for one)", exc.code) from exc
+        time.sleep(0.1)
 
 
 def _read_endpoint(views_path: str) -> dict[str, Any] | None:
@@ -184,7 +212,7 @@ def _query_file(sql: str, views_path: str, *, max_rows: int, timeout_s: float) -
     except duckdb.Error as exc:
         text = str(exc)
         if "lock" in text.lower():
-            raise QueryFailed(
+            raise _Locked(
                 f"{views_path} is locked by a running writer that serves no query endpoint", 1
             ) from exc
         raise QueryFailed(f"cannot open {views_path}: {_one_line(text)}", 1) from exc

@@ -29,7 +29,7 @@ from sferp.connectors.query_server import (
     endpoint_path,
 )
 
-from sferp.query import cli_query, fetch, run_query
+from sferp.query import QueryFailed, cli_query, fetch, run_query
 
 T0 = 1_764_309_600_123  # 2025-11-28T06:00:00.123Z
 
@@ -503,8 +503,42 @@ def test_locked_file_without_endpoint(tmp_path: Path) -> None:
     path = tmp_path / "views.duckdb"
     proc = _start_writer(path, serve=False)
     try:
-        code, out, err = query("SELECT 1", str(path))
-        assert code == 1 and out == "" and "locked" in err
+        t0 = time.monotonic()
+        with pytest.raises(QueryFailed) as e:
+            fetch("SELECT 1", str(path), max_rows=10, timeout_s=5, wait_s=0.5)
+        assert time.monotonic() - t0 >= 0.5
+        assert e.value.code == 1
+        assert "locked" in str(e.value) and "waited 0.5 s" in str(e.value)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
+STARTING_WRITER_SCRIPT = """
+import sys, time, duckdb
+from sferp.connectors.query_server import QueryServer
+con = duckdb.connect(sys.argv[1])
+con.execute("CREATE TABLE t AS SELECT 42 AS x")
+print("ready", flush=True)
+time.sleep(float(sys.argv[2]))  # a restarted writer getting its views ready
+QueryServer(con.cursor(), sys.argv[1], max_rows=100, timeout_s=5).start()
+time.sleep(60)
+"""
+
+
+def test_a_query_waits_for_a_starting_writer_to_announce_its_endpoint(tmp_path: Path) -> None:
+    path = tmp_path / "views.duckdb"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(STARTING_WRITER_SCRIPT), str(path), "1.5"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        t0 = time.monotonic()
+        res = fetch("SELECT x FROM t", str(path), max_rows=10, timeout_s=5, wait_s=20)
+        assert [list(r) for r in res.rows] == [[42]]
+        assert time.monotonic() - t0 >= 1.0  # answered by the endpoint once it came up
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
