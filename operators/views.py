@@ -291,7 +291,8 @@ class OrdersStage:
         # ORPHAN_ERP_ORDER: live ERP orders naming an Order that is not live
         if not live or node.orphans:
             orphans = NO_ORPHANS if live or not erp else set(erp)
-            for rk in orphans - node.orphans:
+            # sorted: a set's order changes when a cold node thaws (its set is rebuilt)
+            for rk in sorted(orphans - node.orphans):
                 e = erp[rk]
                 exceptions.append(
                     ExceptionFact(
@@ -302,7 +303,7 @@ class OrdersStage:
                         e.event_time,
                     )
                 )
-            for rk in node.orphans - orphans:
+            for rk in sorted(node.orphans - orphans):
                 exceptions.append(
                     ExceptionFact("ORPHAN_ERP_ORDER", _order_no_of(rk), False, "resolved", updated)
                 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pickle
 from decimal import Decimal
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from sferp.operators import views
 from sferp.operators.cold_orders import freeze, thaw
@@ -127,6 +127,19 @@ def _batches(facts: list, cuts: list[int]) -> list[list]:
 
 @settings(max_examples=300, deadline=None)
 @given(_facts, st.lists(st.integers(0, 20), max_size=5), st.sampled_from([0, 0, 1, 2]))
+@example(  # two orphans resolved at once: their order must not depend on a thawed set
+    facts=[
+        OrderFact("801A", False, "Draft", None, None, 10, None, 0, ""),
+        ErpOrderFact('{"order_no":1}', "1", "801A", True, "OPEN", 10, 0, None, 0, ""),
+        *[ItemFact("802A", "801A", False, None, 1, 0, "")] * 5,
+        OrderFact("801A", False, "Draft", None, None, 10, None, 0, ""),
+        ErpOrderFact('{"order_no":2}', "2", "801A", True, "OPEN", 10, 0, None, 0, ""),
+        OrderFact("801A", True, "Draft", None, None, 10, None, 0, ""),
+        *[ItemFact("802A", "801A", False, None, 1, 0, "")] * 2,
+    ],
+    cuts=[9],
+    warm_nodes=0,
+)
 def test_a_stage_with_cold_nodes_emits_what_one_without_emits(facts, cuts, warm_nodes):
     """Batch by batch, freezing between batches changes no output and no node."""
     batches = _batches(facts, cuts)
