@@ -40,6 +40,8 @@ RECOVERY_PARTITIONS = 16
 
 _LOCK = ".sferp-init.lock"
 _SCRATCH = ".sferp-init"
+_RUN_LOCK = ".sferp-run.lock"
+_run_locks: dict[str, int] = {}  # recovery dir -> descriptor of its run lock, while held
 
 
 def partitions(path: Path) -> list[Path]:
@@ -66,6 +68,8 @@ def prepare_recovery(
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"--recovery-dir: cannot create {path}: {exc.strerror}") from exc
+    if process_id in (None, 0):
+        _hold_run_lock(path)  # before anything in the store changes
     deadline = time.monotonic() + wait_s
     while True:
         with _locked(path):
@@ -77,7 +81,8 @@ def prepare_recovery(
                     # writes the store only once every process has joined.
                     discard_unfinished_snapshots(path)
                 return RecoveryConfig(str(path))
-            strangers = [p.name for p in path.iterdir() if p.name not in (_LOCK, _SCRATCH)]
+            ours = (_LOCK, _SCRATCH, _RUN_LOCK)
+            strangers = [p.name for p in path.iterdir() if p.name not in ours]
             if strangers:
                 raise ConfigError(
                     f"--recovery-dir: {path} holds no recovery partitions but other files "
@@ -93,6 +98,34 @@ def prepare_recovery(
                 "process 0 creates it, and every process must see the same directory"
             )
         time.sleep(0.2)
+
+
+def _hold_run_lock(path: Path) -> None:
+    """Process 0 holds the store's run lock while it runs; a second run waits for it.
+
+    Discarding unfinished snapshots is only right while no run writes the store: a
+    second `sferp run` started by mistake, or a rolling update that starts the new
+    process before the old one has stopped, would otherwise delete the snapshots
+    the running flow has written since it resumed. The kernel drops the lock when
+    the process ends, kill -9 included; `release_run_lock` drops it earlier.
+    """
+    key = str(path.resolve())
+    if key in _run_locks:
+        return
+    fd = os.open(path / _RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log.warning("recovery: another run holds %s; waiting until it stops", path)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    _run_locks[key] = fd
+
+
+def release_run_lock(recovery_dir: str) -> None:
+    """Let the next run have the store (this process's run on it has ended)."""
+    fd = _run_locks.pop(str(Path(recovery_dir).resolve()), None)
+    if fd is not None:
+        os.close(fd)  # closing the only descriptor of the lock file drops the lock
 
 
 def resume_epoch(parts: list[Path]) -> int | None:

@@ -223,6 +223,8 @@ def run_flow(settings: Settings, opts: RunOptions) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         monitor.stop()
+        if recovery_config is not None:
+            _recovery.release_run_lock(opts.recovery_dir)
     if lost_peer:
         raise ClusterError(
             "the cluster lost a process (its connection broke); restart every process "

@@ -14,6 +14,9 @@ from __future__ import annotations
 import logging
 import pickle
 import sqlite3
+import subprocess
+import sys
+import time
 from contextlib import closing
 from datetime import timedelta
 from pathlib import Path
@@ -29,6 +32,7 @@ from sferp.recovery import (
     discard_unfinished_snapshots,
     partitions,
     prepare_recovery,
+    release_run_lock,
     resume_epoch,
 )
 
@@ -197,3 +201,70 @@ def test_a_store_spread_over_machines_is_left_alone_with_a_warning(tmp_path, cap
     assert discard_unfinished_snapshots(store) == 0
     assert "1 of 2 partitions" in caplog.text
     assert len(_rows(store, "SELECT 1 FROM snaps")) == 1
+
+
+def test_a_second_run_waits_for_the_running_one_before_it_touches_the_store(tmp_path, caplog):
+    """A run that is writing snapshots must keep them: a second process 0 on the same
+    store (started by mistake, or by a rolling update) waits until the first stops."""
+    caplog.set_level(logging.INFO, logger="sferp")
+    store = _store_with(tmp_path, [(0, 1, 1)], [(0, 0, 5)])
+    _put_snapshot(partitions(store)[0], "s", "k", 6, None)  # the running flow's
+    running = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sqlite3, sys, time; from sferp.recovery import prepare_recovery; "
+            "prepare_recovery(sys.argv[1]); print('holding', flush=True); time.sleep(1.5); "
+            "con = sqlite3.connect(sys.argv[2]); "
+            "print('kept', *con.execute('SELECT COUNT(*) FROM snaps').fetchone())",
+            str(store),
+            str(partitions(store)[0]),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert running.stdout.readline().strip() == "holding"
+        # what the running flow wrote after it started (its resume discarded the row above)
+        _put_snapshot(partitions(store)[0], "s", "k", 7, None)
+        started = time.monotonic()
+        prepare_recovery(str(store))
+        waited = time.monotonic() - started
+        kept = running.stdout.readline().strip()  # read by the first run just before it ends
+    finally:
+        running.wait(timeout=30)
+    assert kept == "kept 1"  # the waiting run had not deleted what the first one wrote
+    assert "another run holds" in caplog.text
+    assert waited > 0.5 and running.returncode == 0
+    # only once the first run had stopped were its unfinished epochs discarded
+    assert "discarded 1 snapshots of epochs from 5 on" in caplog.text
+    release_run_lock(str(store))
+    prepare_recovery(str(store))  # released: no second wait
+    assert caplog.text.count("another run holds") == 1
+
+
+def test_sferp_run_holds_the_run_lock_until_its_flow_ends(tmp_path, monkeypatch):
+    import bytewax._bytewax as bytewax_core
+
+    from sferp import recovery, runner
+    from sferp.config import Settings
+
+    store = tmp_path / "rec"
+    held: list[bool] = []
+
+    def flow_runs(_flow, **kwargs):  # stands in for Bytewax: the flow itself is not the point
+        held.append(str(store.resolve()) in recovery._run_locks)
+        assert kwargs["recovery_config"] is not None
+
+    monkeypatch.setattr(bytewax_core, "cli_main", flow_runs)
+    settings = Settings.model_validate({"metrics": {"port": 0}})
+    options = runner.RunOptions(
+        bounded=True,
+        views_path=str(tmp_path / "views.duckdb"),
+        recovery_dir=str(store),
+        install_signals=False,
+        preflight=False,
+    )
+    assert runner.run_flow(settings, options) == 0
+    assert held == [True]
+    assert str(store.resolve()) not in recovery._run_locks

@@ -49,7 +49,8 @@ def test_processes_starting_together_create_one_store(tmp_path):
     assert order == [0, 1]
     assert len(partitions(store)) == RECOVERY_PARTITIONS
     assert sorted(p.name for p in store.iterdir() if not p.name.startswith("part-")) == [
-        ".sferp-init.lock"
+        ".sferp-init.lock",
+        ".sferp-run.lock",  # held by process 0 while it runs
     ]
 
 
