@@ -7,11 +7,17 @@ the consume cost. This reader keeps everything else of the consumer (fetching,
 positions, CRC checks per batch, compression, transactions, control batches)
 and replaces only the loop over the records of an uncompressed or decompressed
 v2 batch: one tight loop per batch that yields `RawMessage`s (headers are
-skipped: the flow does not use them).
+skipped: the flow does not use them). An uncompressed batch of plain records is
+parsed where it lies in the fetched response, without kafka-python's two copies
+of it; compressed, control and (reading committed only) transactional batches
+go through kafka-python's batch objects first.
 
-It is installed per consumer (`install`), never globally, and only when the
-consumer has the internals it was written against; otherwise the consumer keeps
-its own reader and the source converts `ConsumerRecord`s as before. Both paths
+The reader is installed per consumer (`install`), and only when the consumer
+has the internals it was written against; otherwise the consumer keeps its own
+reader and the source converts `ConsumerRecord`s as before. `install` also
+removes two copies of every received response (`fewer_response_copies`); those
+are class attributes of kafka-python's protocol parser, so from then on they
+serve every connection of the process, with the same results. Both paths
 give the same messages (tests/test_kafka_records.py compares them).
 """
 
@@ -24,16 +30,27 @@ from typing import Any
 from kafka.consumer.fetcher import Fetcher
 from kafka.errors import CorruptRecordError
 from kafka.record.default_records import DefaultRecordBase
+from kafka.record.util import calc_crc32c
 
 from sferp.events import RawMessage
 
-__all__ = ["fetch_pending", "install", "parse_records", "queue_fetches"]
+__all__ = ["fetch_pending", "fewer_response_copies", "install", "parse_records", "queue_fetches"]
 
 log = logging.getLogger("sferp.kafka")
 
 _READ_UNCOMMITTED = 0
 _LOG_APPEND_TIME = DefaultRecordBase.TIMESTAMP_TYPE_MASK
 _CONTROL = DefaultRecordBase.CONTROL_MASK
+# A v2 batch is read in place, from the fetched response's bytes, when it is
+# neither compressed nor a control batch (nor, when reading committed only, part
+# of a transaction): kafka-python would copy it twice first (into its batch's
+# bytearray, then to bytes for the parser), 1 MB at a time for batches as large
+# as the benchmark's, a fresh memory mapping each (sferp/native_heap.py).
+_HEADER = DefaultRecordBase.HEADER_STRUCT
+_MAGIC_AT = DefaultRecordBase.CRC_OFFSET - 1
+_CRC_FROM = DefaultRecordBase.ATTRIBUTES_OFFSET
+_IN_PLACE_EXCLUDED = DefaultRecordBase.CODEC_MASK | _CONTROL
+_IN_PLACE_NEEDED = ("_next_slice", "_pos", "_cache_next")
 
 
 def _varint(buf: bytes, pos: int) -> tuple[int, int]:
@@ -64,21 +81,23 @@ def parse_records(
     log_append_time: bool,
     topic: str,
     partition: int,
+    end: int | None = None,
 ) -> list[RawMessage]:
     """The `count` records of a v2 batch body starting at `pos` (headers skipped).
 
     `timestamp` is the batch's first timestamp, or its max timestamp when the
-    batch uses log-append time (then every record has it).
+    batch uses log-append time (then every record has it). `end` is where the
+    batch ends in `buf` (default: the end of `buf`); no record may run past it.
     """
     out: list[RawMessage] = []
     append = out.append
     varint = _varint
-    size = len(buf)
+    size = len(buf) if end is None else end
     try:
         for _ in range(count):
             length, pos = varint(buf, pos)
-            end = pos + length
-            if length < 0 or end > size:
+            stop = pos + length
+            if length < 0 or stop > size:
                 raise CorruptRecordError(f"record length {length} beyond the batch")
             # Attributes (int8), then TimestampDelta, OffsetDelta, Key, Value.
             ts_delta, pos = varint(buf, pos + 1)
@@ -95,7 +114,7 @@ def parse_records(
                 pos += n
             else:
                 value = None
-            if pos > end:
+            if pos > stop:
                 raise CorruptRecordError("record fields run past the record length")
             append(
                 RawMessage(
@@ -107,7 +126,7 @@ def parse_records(
                     timestamp if log_append_time else timestamp + ts_delta,
                 )
             )
-            pos = end  # headers are not used
+            pos = stop  # headers are not used
     except IndexError:
         raise CorruptRecordError("record batch ends inside a record") from None
     return out
@@ -123,10 +142,46 @@ class _FastPartitionRecords(Fetcher.PartitionRecords):  # type: ignore[misc]
             yield from super()._unpack_records(tp, records, key_deserializer, value_deserializer)
             return
         topic, partition = tp.topic, tp.partition
-        batch = records.next_batch()
-        last_batch = None
-        while batch is not None:
-            last_batch = batch
+        buf = getattr(records, "_buffer", None)
+        in_place = type(buf) is bytes and all(hasattr(records, n) for n in _IN_PLACE_NEEDED)
+        any_txn = self.isolation_level == _READ_UNCOMMITTED
+        next_offset = None  # after the last v2 batch read
+        while True:
+            view = records._next_slice if in_place else None
+            if view is not None and len(view) > _HEADER.size and view[_MAGIC_AT] == 2:
+                head = _HEADER.unpack_from(view)
+                if not head[5] & _IN_PLACE_EXCLUDED and (any_txn or head[9] < 0):
+                    # An uncompressed batch of plain records: read where it lies.
+                    at = records._pos - len(view)
+                    records._cache_next()
+                    if self.check_crcs and calc_crc32c(view[_CRC_FROM:]) != head[4]:
+                        raise CorruptRecordError(
+                            f"record batch of {tp} at offset {head[0]} failed its CRC check"
+                        )
+                    self.leader_epoch = head[2]
+                    log_append = bool(head[5] & _LOG_APPEND_TIME)
+                    msgs = parse_records(
+                        buf,  # type: ignore[arg-type]
+                        at + _HEADER.size,
+                        head[12],
+                        head[0],
+                        head[8] if log_append else head[7],
+                        log_append,
+                        topic,
+                        partition,
+                        at + len(view),
+                    )
+                    self.records_read += len(msgs)
+                    self.bytes_read += len(view)
+                    for m in msgs:
+                        self.next_fetch_offset = m.offset + 1
+                        yield m
+                    next_offset = head[0] + head[6] + 1
+                    continue
+            batch = records.next_batch()
+            if batch is None:
+                break
+            next_offset = None
             if self.check_crcs and not batch.validate_crc():
                 raise CorruptRecordError(
                     f"record batch of {tp} at offset {batch.base_offset} failed its CRC check"
@@ -135,21 +190,19 @@ class _FastPartitionRecords(Fetcher.PartitionRecords):  # type: ignore[misc]
                 for r in batch:
                     self.next_fetch_offset = r.offset + 1
                     yield RawMessage(topic, partition, r.offset, r.key, r.value, r.timestamp)
-                batch = records.next_batch()
                 continue
+            next_offset = batch.next_offset
             self.leader_epoch = batch.leader_epoch
             attributes = batch.attributes
-            if self.isolation_level != _READ_UNCOMMITTED and batch.has_producer_id():
+            if not any_txn and batch.has_producer_id():
                 self._consume_aborted_transactions_up_to(batch.last_offset)
                 if self._contains_abort_marker(batch):
                     self.aborted_producer_ids.discard(batch.producer_id)
                 elif self._is_batch_aborted(batch):
                     self.next_fetch_offset = batch.next_offset
-                    batch = records.next_batch()
                     continue
             if attributes & _CONTROL:
                 self.next_fetch_offset = batch.next_offset
-                batch = records.next_batch()
                 continue
             batch._maybe_uncompress()
             log_append = bool(attributes & _LOG_APPEND_TIME)
@@ -168,9 +221,8 @@ class _FastPartitionRecords(Fetcher.PartitionRecords):  # type: ignore[misc]
             for m in msgs:
                 self.next_fetch_offset = m.offset + 1
                 yield m
-            batch = records.next_batch()
-        if last_batch is not None and last_batch.magic == 2:
-            self.next_fetch_offset = last_batch.next_offset
+        if next_offset is not None:
+            self.next_fetch_offset = next_offset
         self.drain()
 
 
@@ -185,6 +237,52 @@ def install(consumer: Any) -> bool:
         log.debug("kafka: consumer internals differ; using kafka-python's record reader")
         return False
     fetcher.PartitionRecords = _FastPartitionRecords
+    fewer_response_copies()
+    return True
+
+
+def _read_once(self: Any, nbytes: int | None = None) -> bytes:
+    """`KafkaBytes.read` with one copy (kafka-python slices the bytearray, then copies that)."""
+    start = self._idx
+    end = len(self) if nbytes is None else min(start + nbytes, len(self))
+    self._idx = end
+    with memoryview(self) as view:
+        return view[start:end].tobytes()
+
+
+def fewer_response_copies() -> bool:
+    """Two fewer whole copies of every response kafka-python receives, in this process.
+
+    A fetch response (up to 8 MB per partition) is copied about nine times between
+    the socket and the records. Two are for nothing: the parser slices the received
+    bytes before writing them into its frame buffer (a memoryview slice writes the
+    same bytes), and `KafkaBytes.read` slices the buffer and then copies the slice.
+    With glibc's fixed mmap threshold (sferp/native_heap.py) every copy is a fresh
+    mapping whose pages fault in. Both replacements return what the originals
+    return. False (and no change) when kafka-python's internals differ.
+    """
+    try:
+        from kafka.protocol.frame import KafkaBytes
+        from kafka.protocol.parser import KafkaProtocol
+    except ImportError:
+        return False
+    receive = KafkaProtocol.__dict__.get("receive_bytes")
+    if getattr(receive, "_sferp", False):
+        return True
+    if (
+        receive is None
+        or not callable(KafkaBytes.__dict__.get("read"))
+        or not hasattr(KafkaBytes(0), "_idx")
+    ):
+        return False
+
+    def receive_bytes(self: Any, data: Any) -> Any:
+        return receive(self, memoryview(data))
+
+    receive_bytes._sferp = True  # type: ignore[attr-defined]
+    receive_bytes.__doc__ = receive.__doc__
+    KafkaProtocol.receive_bytes = receive_bytes
+    KafkaBytes.read = _read_once
     return True
 
 

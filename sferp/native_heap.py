@@ -14,12 +14,13 @@ Measured, bounded runs alternating with and without (peak RSS; wall time):
 - 1,000,000-record initial load, 1 worker, two sets of runs on two broker instances:
   1,306-1,331 and 1,345-1,392 MiB against 1,409-1,452 and 1,409-1,443 MiB;
   66.9-67.6 and 67.3-69.8 s against 63.8-67.0 and 63.9-67.1 s.
-- 500,000 messages of the benchmark's main stream, 1 worker: 688-713 MiB against
-  793-828 MiB (six runs each); about 0.8 s (5 %) longer; two processes 17.5-19.0 s
-  against 17.1-17.6 s; with a recovery store 22.7 and 23.5 s against 21.4 and 22.2 s.
-The price is kernel time for the page faults of fresh mappings: kafka-python
-copies every fetched response (up to 8 MiB) about nine times on its way to the
-records, and each copy is a fresh mapping.
+- 500,000 messages of the benchmark's main stream, 1 worker: 696 MiB (three runs)
+  against 816-829 MiB; 15.9-16.3 s against 15.9-16.1 s. Two processes: 18.5 and
+  18.8 s against 17.2 and 18.5 s; with a recovery store, 21.8 and 22.1 s against
+  21.6 and 22.1 s.
+The price is kernel time for the page faults of fresh mappings. It was 5 % of
+the wall time until kafka-python's two needless copies of every fetched
+response went (connectors/kafka_records.py `fewer_response_copies`).
 A 0.5-4 MiB mapping threshold with a 64 MiB trim threshold cost less kernel time
 but kept only part of the saving on the initial load (1,359-1,429 MiB).
 
