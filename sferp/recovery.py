@@ -162,8 +162,8 @@ def discard_unfinished_snapshots(path: Path) -> int:
     snapshot, which the next resume after those epochs loads as finished state.
     That state is ahead of the sources, the views and the other keys, and its
     changes are never replayed into the views: the crash test
-    (tests/test_crash_recovery.py) lost thousands of view rows this way, about one
-    run in fifteen under load. Snapshots from R on are never loaded by the next run,
+    (tests/test_crash_recovery.py) lost thousands of view rows this way, in 2 of 43
+    runs under load. Snapshots from R on are never loaded by the next run,
     so deleting them loses nothing. Needs every partition of the store; otherwise
     (partitions spread over machines) it warns and leaves the store alone.
     """
