@@ -41,6 +41,7 @@ RECOVERY_PARTITIONS = 16
 _LOCK = ".sferp-init.lock"
 _SCRATCH = ".sferp-init"
 _RUN_LOCK = ".sferp-run.lock"
+SQLITE_TIMEOUT_S = 30.0  # how long a read or the discard waits for a partition Bytewax writes
 _run_locks: dict[str, int] = {}  # recovery dir -> descriptor of its run lock, while held
 
 
@@ -112,12 +113,24 @@ def _hold_run_lock(path: Path) -> None:
     key = str(path.resolve())
     if key in _run_locks:
         return
-    fd = os.open(path / _RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        log.warning("recovery: another run holds %s; waiting until it stops", path)
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fd = os.open(path / _RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise ConfigError(
+            f"--recovery-dir: cannot open {path / _RUN_LOCK}: {exc.strerror}"
+        ) from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("recovery: another run holds %s; waiting until it stops", path)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as exc:  # a filesystem without flock (some network mounts)
+        os.close(fd)
+        raise ConfigError(
+            f"--recovery-dir: cannot lock {path / _RUN_LOCK} ({exc.strerror}); "
+            "the recovery dir needs a filesystem with flock (NFS v4, EFS, local)"
+        ) from exc
     _run_locks[key] = fd
 
 
@@ -139,7 +152,7 @@ def resume_epoch(parts: list[Path]) -> int | None:
     executions: list[tuple[int, int, int]] = []
     fronts: list[tuple[int, int, int]] = []
     for part in parts:
-        with closing(sqlite3.connect(part, timeout=30)) as con:
+        with closing(sqlite3.connect(part, timeout=SQLITE_TIMEOUT_S)) as con:
             executions += con.execute("SELECT ex_num, worker_count, resume_epoch FROM exs")
             fronts += con.execute("SELECT ex_num, worker_index, worker_frontier FROM fronts")
     if not executions:
@@ -169,8 +182,9 @@ def discard_unfinished_snapshots(path: Path) -> int:
     """
     parts = partitions(path)
     try:
-        with closing(sqlite3.connect(parts[0], timeout=30)) as con:
+        with closing(sqlite3.connect(parts[0], timeout=SQLITE_TIMEOUT_S)) as con:
             total = {n for (n,) in con.execute("SELECT part_count FROM parts")}
+            con.execute("SELECT snap_epoch FROM snaps LIMIT 0")  # the tables this reads
         if total != {len(parts)}:
             log.warning(
                 "recovery: %d of %s partitions are in %s: snapshots of epochs the last run "
@@ -186,13 +200,24 @@ def discard_unfinished_snapshots(path: Path) -> int:
             return 0
         deleted = 0
         for part in parts:
-            with closing(sqlite3.connect(part, timeout=30, isolation_level=None)) as con:
+            with closing(
+                sqlite3.connect(part, timeout=SQLITE_TIMEOUT_S, isolation_level=None)
+            ) as con:
                 con.execute("BEGIN IMMEDIATE")
                 deleted += con.execute("DELETE FROM snaps WHERE snap_epoch >= ?", (epoch,)).rowcount
                 con.execute("COMMIT")
-    except sqlite3.Error as exc:  # a store of another Bytewax version: leave it to Bytewax
+    except sqlite3.OperationalError as exc:
+        if "no such" not in str(exc):  # locked, I/O: resuming now could load stale state
+            raise RecoveryStoreError(
+                f"cannot discard unfinished snapshots in {path}: {exc}; a resume now could "
+                "load state the last run did not finish, so nothing was started (run again: "
+                "the discard is safe to repeat)"
+            ) from exc
+        # a store of another layout (another Bytewax version): leave it to Bytewax
         log.warning("recovery: cannot check %s for unfinished snapshots: %s", path, exc)
         return 0
+    except sqlite3.Error as exc:
+        raise RecoveryStoreError(f"cannot discard unfinished snapshots in {path}: {exc}") from exc
     if deleted:
         log.info(
             "recovery: discarded %d snapshots of epochs from %d on, which the last run did "
@@ -221,6 +246,10 @@ def _finish_moving(path: Path) -> None:
     for part in partitions(scratch):
         os.replace(part, path / part.name)
     shutil.rmtree(scratch, ignore_errors=True)
+
+
+class RecoveryStoreError(RuntimeError):
+    """The recovery store could not be made safe to resume from (a database error)."""
 
 
 class _locked:

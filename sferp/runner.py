@@ -135,9 +135,6 @@ def tune_interpreter(*, bounded: bool = False) -> None:
 
 def run_flow(settings: Settings, opts: RunOptions) -> int:
     """Build and run the reconcile flow in this process; return the exit code."""
-    from bytewax._bytewax import cli_main
-
-    from sferp.flows.reconcile import FlowOptions, build_flow
     from sferp.native_heap import fix_malloc_thresholds
 
     if settings.flow.return_freed_memory:
@@ -157,12 +154,28 @@ def run_flow(settings: Settings, opts: RunOptions) -> int:
             from sferp.connectors.sf_client import preflight
 
             preflight(settings)
-    from sferp.metrics import create_monitor, recovery_has_state
+    from sferp.metrics import recovery_has_state
 
     resuming = recovery_has_state(opts.recovery_dir)
     recovery_config = (
         prepare_recovery(opts.recovery_dir, opts.process_id) if opts.recovery_dir else None
     )
+    try:
+        return _run_prepared(settings, opts, recovery_config, resuming)
+    finally:
+        if recovery_config is not None:
+            _recovery.release_run_lock(opts.recovery_dir)  # the next run may have the store
+
+
+def _run_prepared(
+    settings: Settings, opts: RunOptions, recovery_config: Any, resuming: bool
+) -> int:
+    """Build the flow and run it on a prepared recovery store (or none)."""
+    from bytewax._bytewax import cli_main
+
+    from sferp.flows.reconcile import FlowOptions, build_flow
+    from sferp.metrics import create_monitor
+
     views_path = opts.views_path or settings.views.path
     Path(views_path).parent.mkdir(parents=True, exist_ok=True)
     monitor = create_monitor(
@@ -223,8 +236,6 @@ def run_flow(settings: Settings, opts: RunOptions) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         monitor.stop()
-        if recovery_config is not None:
-            _recovery.release_run_lock(opts.recovery_dir)
     if lost_peer:
         raise ClusterError(
             "the cluster lost a process (its connection broke); restart every process "

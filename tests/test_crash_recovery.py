@@ -134,7 +134,8 @@ def _executions(recovery: Path) -> tuple[dict[int, int], dict[int, int]]:
     for part in partitions(recovery):
         with closing(sqlite3.connect(part, timeout=5)) as con:
             runs.update(con.execute("SELECT ex_num, resume_epoch FROM exs").fetchall())
-            fronts.update(con.execute("SELECT ex_num, worker_frontier FROM fronts").fetchall())
+            for ex, frontier in con.execute("SELECT ex_num, worker_frontier FROM fronts"):
+                fronts[ex] = min(fronts.get(ex, frontier), frontier)  # the slowest worker's
     return runs, fronts
 
 
@@ -189,7 +190,7 @@ def after_kill_after_first_epoch(stream, tmp_path_factory):
         kill9(procs)
         finished_first = first_epoch_finished(runner.recovery)
         procs = runner.start()
-        wait_until(finished_first, procs, timeout=60)
+        wait_until(finished_first, procs)
         kill9(procs)
         runner.finish()
         yield runner
@@ -265,7 +266,10 @@ def test_kill9_at_three_points_then_resume_equals_reference(stream, after_kills)
 def test_a_run_killed_right_after_its_first_epoch_resumes_exactly(
     stream, after_kill_after_first_epoch
 ):
-    stream.check(after_kill_after_first_epoch, after_kill_after_first_epoch.names)
+    r = after_kill_after_first_epoch
+    # the scenario happened: the first kill left snapshots of an unfinished epoch
+    assert "recovery: discarded" in r.log(2), r.log(2)[-2000:]
+    stream.check(r, r.names)
 
 
 def test_kill9_one_process_of_a_cluster_then_restart_both(stream, after_cluster_kill):

@@ -26,9 +26,11 @@ import pytest
 from bytewax.dataflow import Dataflow
 from bytewax.inputs import AbortExecution
 from bytewax.recovery import RecoveryConfig, init_db_dir
-from bytewax.testing import TestingSink, TestingSource, run_main
+from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
 
+from sferp import recovery
 from sferp.recovery import (
+    RecoveryStoreError,
     discard_unfinished_snapshots,
     partitions,
     prepare_recovery,
@@ -142,6 +144,32 @@ def test_the_resume_epoch_is_the_one_bytewax_resumes_at(tmp_path):
     assert predicted[0] is None and predicted[1] < predicted[2] < predicted[3]
 
 
+def test_the_resume_epoch_of_a_two_worker_run_is_the_one_bytewax_resumes_at(tmp_path):
+    store = tmp_path / "rec"
+    store.mkdir()
+    init_db_dir(store, 4)
+    items = [("a", 1), ("b", 1), TestingSource.EOF(), ("a", 1), TestingSource.EOF()]
+    predicted = []
+    for _ in range(3):
+        predicted.append(resume_epoch(partitions(store)))
+        cluster_main(
+            _counting_flow(items, []),
+            [],
+            0,
+            epoch_interval=timedelta(0),
+            recovery_config=prepare_recovery(str(store)),
+            worker_count_per_proc=2,
+        )
+    recorded = {
+        ex: (workers, epoch)
+        for _, ex, workers, epoch in _rows(
+            store, "SELECT ex_num, worker_count, resume_epoch FROM exs"
+        )
+    }
+    assert [recorded[ex] for ex in (1, 2)] == [(2, predicted[1]), (2, predicted[2])]
+    assert predicted[1] < predicted[2]
+
+
 def _store_with(tmp_path: Path, executions: list[tuple], fronts: list[tuple]) -> Path:
     store = tmp_path / "rec"
     store.mkdir()
@@ -214,7 +242,7 @@ def test_a_second_run_waits_for_the_running_one_before_it_touches_the_store(tmp_
             sys.executable,
             "-c",
             "import sqlite3, sys, time; from sferp.recovery import prepare_recovery; "
-            "prepare_recovery(sys.argv[1]); print('holding', flush=True); time.sleep(1.5); "
+            "prepare_recovery(sys.argv[1]); print('holding', flush=True); time.sleep(2); "
             "con = sqlite3.connect(sys.argv[2]); "
             "print('kept', *con.execute('SELECT COUNT(*) FROM snaps').fetchone())",
             str(store),
@@ -235,7 +263,7 @@ def test_a_second_run_waits_for_the_running_one_before_it_touches_the_store(tmp_
         running.wait(timeout=30)
     assert kept == "kept 1"  # the waiting run had not deleted what the first one wrote
     assert "another run holds" in caplog.text
-    assert waited > 0.5 and running.returncode == 0
+    assert waited > 0.2 and running.returncode == 0
     # only once the first run had stopped were its unfinished epochs discarded
     assert "discarded 1 snapshots of epochs from 5 on" in caplog.text
     release_run_lock(str(store))
@@ -268,3 +296,24 @@ def test_sferp_run_holds_the_run_lock_until_its_flow_ends(tmp_path, monkeypatch)
     assert runner.run_flow(settings, options) == 0
     assert held == [True]
     assert str(store.resolve()) not in recovery._run_locks
+
+
+def test_a_store_locked_past_the_timeout_stops_the_run_instead_of_resuming(tmp_path, monkeypatch):
+    store = _store_with(tmp_path, [(0, 1, 1)], [(0, 0, 5)])
+    _put_snapshot(partitions(store)[1], "s", "k", 6, None)
+    monkeypatch.setattr(recovery, "SQLITE_TIMEOUT_S", 0.2)
+    with closing(sqlite3.connect(partitions(store)[1], isolation_level=None)) as writer:
+        writer.execute("BEGIN EXCLUSIVE")  # another writer that does not let go
+        with pytest.raises(RecoveryStoreError, match="cannot discard unfinished snapshots"):
+            discard_unfinished_snapshots(store)
+        writer.execute("ROLLBACK")
+    assert discard_unfinished_snapshots(store) == 1  # safe to repeat once it is free
+
+
+def test_a_store_of_another_layout_is_left_to_bytewax(tmp_path, caplog):
+    store = _store_with(tmp_path, [(0, 1, 1)], [(0, 0, 5)])
+    for part in partitions(store):
+        with closing(sqlite3.connect(part)) as con, con:
+            con.execute("ALTER TABLE snaps RENAME TO snapshots")
+    assert discard_unfinished_snapshots(store) == 0
+    assert "cannot check" in caplog.text and "no such table" in caplog.text
