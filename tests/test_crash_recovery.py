@@ -34,7 +34,7 @@ from clusterkit import (
 from sferp.compare import diff, load_views
 from sferp.demo import generated_messages
 from sferp.generator import GeneratorConfig, produce
-from sferp.recovery import partitions
+from sferp.recovery import partitions, resume_epoch
 from sferp.reference import ReferenceConfig, compute
 
 ROLES = ("sf_cdc", "erp_items", "erp_inventory", "erp_sales_orders")
@@ -127,16 +127,15 @@ def after_kills(stream, tmp_path_factory):
         runner.kill_all()
 
 
-def _executions(recovery: Path) -> tuple[dict[int, int], dict[int, int]]:
-    """Bytewax's record of the runs on a store: where each resumed, and how far it got."""
-    runs: dict[int, int] = {}
-    fronts: dict[int, int] = {}
+def _newest_run(recovery: Path) -> tuple[int, int, int]:
+    """The newest run on a store: (its number, the epoch it resumed at, how far every worker
+    of it got), the last by Bytewax's rule (`sferp.recovery.resume_epoch`)."""
+    runs: list[tuple[int, int]] = []
     for part in partitions(recovery):
         with closing(sqlite3.connect(part, timeout=5)) as con:
-            runs.update(con.execute("SELECT ex_num, resume_epoch FROM exs").fetchall())
-            for ex, frontier in con.execute("SELECT ex_num, worker_frontier FROM fronts"):
-                fronts[ex] = min(fronts.get(ex, frontier), frontier)  # the slowest worker's
-    return runs, fronts
+            runs += con.execute("SELECT ex_num, resume_epoch FROM exs").fetchall()
+    ex, resumed_at = max(runs, default=(-1, 0))
+    return ex, resumed_at, resume_epoch(partitions(recovery)) or 0
 
 
 def snapshotting_an_unfinished_epoch(recovery: Path) -> Callable[[], bool]:
@@ -144,9 +143,8 @@ def snapshotting_an_unfinished_epoch(recovery: Path) -> Callable[[], bool]:
     the next one (the stages before it have too; the views, which come last, may not)."""
 
     def check() -> bool:
-        runs, fronts = _executions(recovery)
-        ex = max(runs, default=-1)
-        if fronts.get(ex, 0) <= runs.get(ex, 0):
+        _, resumed_at, reached = _newest_run(recovery)
+        if reached <= resumed_at:
             return False
         for part in partitions(recovery):
             with closing(sqlite3.connect(part, timeout=5)) as con:
@@ -154,7 +152,7 @@ def snapshotting_an_unfinished_epoch(recovery: Path) -> Callable[[], bool]:
                     "SELECT 1 FROM snaps WHERE snap_epoch >= ? "
                     "AND step_id LIKE '%.coordinator%' LIMIT 1"
                 )
-                if con.execute(sql, (fronts[ex],)).fetchone():
+                if con.execute(sql, (reached,)).fetchone():
                     return True
         return False
 
@@ -163,12 +161,11 @@ def snapshotting_an_unfinished_epoch(recovery: Path) -> Callable[[], bool]:
 
 def first_epoch_finished(recovery: Path) -> Callable[[], bool]:
     """Predicate: a run started after this call has finished the first epoch it resumed at."""
-    before = max(_executions(recovery)[0], default=-1)
+    before = _newest_run(recovery)[0]
 
     def check() -> bool:
-        runs, fronts = _executions(recovery)
-        ex = max(runs, default=-1)
-        return ex > before and fronts.get(ex, 0) > runs[ex]
+        ex, resumed_at, reached = _newest_run(recovery)
+        return ex > before and reached > resumed_at
 
     return check
 
