@@ -41,6 +41,7 @@ from urllib.parse import urlparse
 
 import jwt
 import requests
+from sferp.connectors import sf_stats
 from simple_salesforce import Salesforce
 from simple_salesforce.exceptions import (
     SalesforceAuthenticationFailed,
@@ -347,6 +348,16 @@ class _Gate:
         self.lock = threading.Lock()
         self.pacer = Pacer(cfg.calls_per_minute, cfg.reserve_fraction, cfg.limit_probe_s)
         self.breaker = CircuitBreaker(cfg.breaker_failures, cfg.breaker_open_s)
+        self.stats = sf_stats.register(self.reading)
+
+    def reading(self) -> sf_stats.GateReading:
+        """The breaker's and the allowance's state, for /metrics."""
+        with self.lock:
+            p = self.pacer
+            ratio = p.used / p.total if p.used is not None and p.total else None
+            return sf_stats.GateReading(
+                self.breaker.state != self.breaker.CLOSED, ratio, p.blocked()
+            )
 
 
 _GATES: dict[tuple, _Gate] = {}
@@ -578,7 +589,9 @@ class SalesforceApi:
         with g.lock:
             g.pacer.spend(self.clock())
         try:
-            body = self._attempt(lambda sf: sf.limits(timeout=self._timeout, headers=self._headers))
+            body = self._attempt(
+                lambda sf: sf.limits(timeout=self._timeout, headers=self._headers), "limits"
+            )
         except CallError as e:
             log.warning("salesforce: /limits probe failed: %s", e.code)
             return
@@ -590,9 +603,12 @@ class SalesforceApi:
                 if not g.pacer.blocked():
                     log.info("salesforce: API usage back under the reserve")
 
-    def _attempt(self, fn: Callable[[Salesforce], T]) -> T:
-        """One call (plus one after a re-login on INVALID_SESSION_ID); errors classified."""
+    def _attempt(self, fn: Callable[[Salesforce], T], op: str) -> T:
+        """One call (plus one after a re-login on INVALID_SESSION_ID); errors classified.
+
+        Its duration and outcome are recorded under `op` (connectors/sf_stats.py)."""
         g = self.gate
+        started = time.perf_counter()
         try:
             if self._sf is None:
                 self.login()
@@ -608,6 +624,7 @@ class SalesforceApi:
                 result = fn(self._sf)  # type: ignore[arg-type]
         except Exception as exc:
             err = classify(exc)
+            g.stats.record(op, time.perf_counter() - started, err.code)
             now = self.clock()
             with g.lock:
                 if _outage(err):
@@ -623,6 +640,7 @@ class SalesforceApi:
                     g.pacer.blocked_until = now + g.pacer.probe_s
             log.warning("salesforce call failed: %s", err)
             raise err from None
+        g.stats.record(op, time.perf_counter() - started)
         usage = getattr(self._sf, "api_usage", {}).get("api-usage")
         with g.lock:
             g.breaker.success()
@@ -642,10 +660,12 @@ class SalesforceApi:
         with self.gate.lock:
             self.gate.pacer.sent(self.clock())
 
-    def call(self, fn: Callable[[Salesforce], T], *, block: bool = True) -> T:
-        """Run `fn(sf)` as one paced, breaker-guarded call; raise CallError or NotReady."""
+    def call(self, fn: Callable[[Salesforce], T], *, op: str, block: bool = True) -> T:
+        """Run `fn(sf)` as one paced, breaker-guarded call; raise CallError or NotReady.
+
+        `op` names the operation in the call metrics (`sferp_salesforce_*{op}`)."""
         self._acquire(block)
-        return self._attempt(fn)
+        return self._attempt(fn, op)
 
     # -- the calls sferp makes ------------------------------------------------------
 
@@ -658,6 +678,7 @@ class SalesforceApi:
                 timeout=self._timeout,
                 headers=self._headers,
             ),
+            op="query",
             block=block,
         )
 
@@ -667,6 +688,7 @@ class SalesforceApi:
             lambda sf: sf.query_more(
                 next_url, identifier_is_url=True, timeout=self._timeout, headers=self._headers
             ),
+            op="query_more",
             block=block,
         )
 
@@ -692,6 +714,7 @@ class SalesforceApi:
                 timeout=self._timeout,
                 headers=self._headers,
             ),
+            op="update_collection",
             block=block,
         )
         return list(result or [])
@@ -709,6 +732,7 @@ class SalesforceApi:
                 timeout=self._timeout,
                 headers=self._headers,
             ),
+            op="bulk_query_start",
             block=block,
         )
         return str(job["id"])
@@ -719,6 +743,7 @@ class SalesforceApi:
             lambda sf: sf.restful(
                 f"jobs/query/{job_id}", timeout=self._timeout, headers=self._headers
             ),
+            op="bulk_query_state",
             block=block,
         )
 
@@ -751,7 +776,7 @@ class SalesforceApi:
                 None if not nxt or nxt == "null" else nxt
             )
 
-        return self.call(fetch, block=block)
+        return self.call(fetch, op="bulk_query_results", block=block)
 
     def close(self) -> None:
         """Release the HTTP connections."""
@@ -771,7 +796,7 @@ def preflight(settings: Settings) -> None:
     api = SalesforceApi(cfg)
     try:
         if cfg.auth == "session":
-            api.call(lambda sf: sf.limits(timeout=cfg.timeout_s))
+            api.call(lambda sf: sf.limits(timeout=cfg.timeout_s), op="limits")
         else:
             api.login()
     except SalesforceAuthenticationFailed as e:

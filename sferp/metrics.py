@@ -62,6 +62,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from sferp.config import Settings
+from sferp.connectors import sf_stats
 from sferp.connectors.duckdb_schema import TABLES
 from sferp.connectors.kafka import end_offsets, read_positions
 from sferp.connectors.query_server import TOKEN_HEADER, endpoint_path
@@ -747,6 +748,7 @@ class _Collector(Collector):
             "Unix time this process started the flow.",
             value=time.time() - (time.monotonic() - m._started),
         )
+        yield from sf_stats.families()  # only once this process made a Salesforce client
         with m._lock:
             read = dict(m._read)
             event_ms = dict(m._event_ms)

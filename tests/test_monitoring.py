@@ -30,6 +30,7 @@ import pytest
 import yaml
 from clusterkit import free_port
 from prometheus_client.parser import text_string_to_metric_families
+from sferp.connectors import sf_stats
 from sferp.operators.decode import DecodeConfig, decode_batch
 
 from sferp.config import load_settings
@@ -334,6 +335,14 @@ def test_every_metric_of_the_dashboard_and_the_alerts_is_exported(live):
     labels: dict[str, set[str]] = defaultdict(set)
     for name, lbls in live["after"]:
         labels[name].update(k for k, _ in lbls)
+    # The Salesforce API metrics exist only in a process with a Salesforce client
+    # (tests/salesforce/test_sf_metrics.py scrapes them from real calls).
+    stats = sf_stats.ApiStats(lambda: sf_stats.GateReading(False, 0.5, False))
+    stats.record("query", 0.1, "TIMEOUT")
+    for fam in sf_stats.families([stats]):
+        for sample in fam.samples:
+            exported.add(sample.name)
+            labels[sample.name].update(sample.labels)
     exprs = rule_exprs() + dashboard_exprs()
     assert len(rule_exprs()) >= 10 and len(dashboard_exprs()) >= 15
     used: set[str] = set()

@@ -1,0 +1,98 @@
+"""Salesforce API metrics: real calls to a local HTTPS Salesforce, scraped from a real Monitor."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from sf_fake import Fault, api_cfg
+from sferp.connectors import sf_client, sf_stats
+from sferp.connectors.sf_client import CallError, SalesforceApi
+
+from sferp.config import load_settings
+from sferp.metrics import Monitor
+
+SOQL = "SELECT Id, SystemModstamp, IsDeleted, Status FROM Order ORDER BY SystemModstamp, Id"
+
+
+@pytest.fixture
+def isolated(monkeypatch):
+    """No org client of an earlier test in the metrics (they are per process)."""
+    monkeypatch.setattr(sf_stats, "_REGISTRY", [])
+    monkeypatch.setattr(sf_client, "_GATES", {})
+
+
+def scrape() -> dict[tuple[str, tuple], float]:
+    monitor = Monitor(load_settings(overrides={}), views_path="unused", writer=False)
+    samples = {}
+    for fam in text_string_to_metric_families(generate_latest(monitor.registry).decode()):
+        for s in fam.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def named(samples: dict, prefix: str) -> dict[tuple[str, tuple], float]:
+    return {k: v for k, v in samples.items() if k[0].startswith(prefix)}
+
+
+def test_nothing_is_exported_without_a_salesforce_client(isolated):
+    assert named(scrape(), "sferp_salesforce") == {}
+
+
+def test_calls_errors_and_durations_are_counted_per_operation(fake_sf, isolated):
+    org = fake_sf.org
+    org.api_total, org.api_used = 1000, 250
+    api = SalesforceApi(api_cfg(fake_sf, timeout_s=0.6, breaker_failures=100))
+    for _ in range(3):
+        api.query(SOQL)
+    org.inject(Fault(lambda m, p: "/query" in p, "http", status=503, code="SERVER_UNAVAILABLE"))
+    with pytest.raises(CallError):
+        api.query(SOQL)
+    org.inject(Fault(lambda m, p: "/query" in p, "slow", seconds=1.5))
+    with pytest.raises(CallError) as e:
+        api.query(SOQL)
+    assert e.value.code == "TIMEOUT"
+    api.update_collection([])
+    s = scrape()
+    q = (("op", "query"),)
+    assert s[("sferp_salesforce_requests_total", q)] == 5
+    assert s[("sferp_salesforce_requests_total", (("op", "update_collection"),))] == 1
+    errors = named(s, "sferp_salesforce_request_errors_total")
+    assert errors == {
+        ("sferp_salesforce_request_errors_total", (("code", "SERVER_UNAVAILABLE"), *q)): 1,
+        ("sferp_salesforce_request_errors_total", (("code", "TIMEOUT"), *q)): 1,
+    }
+    assert s[("sferp_salesforce_request_seconds_count", q)] == 5
+    # The timed-out call waited for the 0.6 s timeout; the others were quick.
+    assert s[("sferp_salesforce_request_seconds_bucket", (("le", "0.5"), *q))] == 4
+    assert s[("sferp_salesforce_request_seconds_bucket", (("le", "1.0"), *q))] == 5
+    assert 0.6 <= s[("sferp_salesforce_request_seconds_sum", q)] < 1.5
+    assert s[("sferp_salesforce_api_usage_ratio", ())] == pytest.approx(org.api_used / 1000)
+    assert s[("sferp_salesforce_breaker_open", ())] == 0
+    assert s[("sferp_salesforce_api_reserve_reached", ())] == 0
+
+
+def test_breaker_and_reserve_gauges_follow_the_client(fake_sf, isolated):
+    org = fake_sf.org
+    api = SalesforceApi(api_cfg(fake_sf, breaker_failures=2, breaker_open_s=0.3))
+    failing = Fault(lambda m, p: "/query" in p, "http", times=1000, status=500)
+    org.inject(failing)
+    for _ in range(2):
+        with pytest.raises(CallError):
+            api.query(SOQL)
+    assert scrape()[("sferp_salesforce_breaker_open", ())] == 1
+    failing.times = 0
+    time.sleep(0.32)
+    api.query(SOQL)  # the half-open probe succeeds: closed
+    s = scrape()
+    assert s[("sferp_salesforce_breaker_open", ())] == 0
+    code = (("code", "UNKNOWN_EXCEPTION"), ("op", "query"))
+    assert s[("sferp_salesforce_request_errors_total", code)] == 2
+    assert s[("sferp_salesforce_requests_total", (("op", "query"),))] == 3
+    org.api_total, org.api_used = 100, 85  # beyond the 20 % reserve
+    api.query(SOQL)
+    s = scrape()
+    assert s[("sferp_salesforce_api_reserve_reached", ())] == 1
+    assert s[("sferp_salesforce_api_usage_ratio", ())] == pytest.approx(0.86)
