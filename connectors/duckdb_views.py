@@ -63,7 +63,7 @@ from sferp.connectors.duckdb_schema import (
     quote,
     schema_problems,
 )
-from sferp.connectors.query_server import QueryServer
+from sferp.connectors.query_server import SERVER_MAX_ROWS, QueryServer
 
 from sferp.priority import call_lowered, lower_this_thread
 
@@ -251,7 +251,7 @@ class DuckDBViewsSink(FixedPartitionedSink[ViewDelta, int]):
         commit_interval_s: float = 0.25,
         keep_snapshots: int = 3,
         serve_queries: bool = True,
-        query_max_rows: int = 10_000,
+        query_max_rows: int = SERVER_MAX_ROWS,
         query_timeout_s: float = 30.0,
         on_commit: Callable[[list[Any]], None] | None = None,
         writer: bool = True,
@@ -337,7 +337,7 @@ class ViewsWriterPartition(StatefulSinkPartition[ViewDelta, int]):
         commit_interval_s: float = 0.25,
         keep_snapshots: int = 3,
         serve_queries: bool = True,
-        query_max_rows: int = 10_000,
+        query_max_rows: int = SERVER_MAX_ROWS,
         query_timeout_s: float = 30.0,
         on_commit: Callable[[list[Any]], None] | None = None,
         undo: bool = True,

@@ -109,9 +109,12 @@ def _open_consumer(
 
 
 def _partitions(
-    consumer: KafkaConsumer, bootstrap: str, topics: Iterable[str]
+    consumer: KafkaConsumer, bootstrap: str, topics: Iterable[str], missing_ok: bool = False
 ) -> list[TopicPartition]:
+    """The partitions of the topics; a missing topic is an error unless `missing_ok`
+    (then it has none), but never all of them."""
     tps = []
+    missing = []
     for topic in topics:
         try:
             parts = consumer.partitions_for_topic(topic)
@@ -120,8 +123,11 @@ def _partitions(
                 f"cannot read metadata of topic {topic!r} from Kafka at {bootstrap}: {exc}"
             ) from exc
         if not parts:
-            raise KafkaConnectorError(f"topic {topic!r} does not exist on Kafka at {bootstrap}")
+            missing.append(topic)
+            continue
         tps.extend(TopicPartition(topic, p) for p in sorted(parts))
+    if missing and (not missing_ok or not tps):
+        raise KafkaConnectorError(f"topic {missing[0]!r} does not exist on Kafka at {bootstrap}")
     return tps
 
 
@@ -166,15 +172,37 @@ def _within_deadline(
 
 
 def list_partitions(
-    bootstrap: str, topics: Iterable[str], client_config: dict[str, Any] | None = None
+    bootstrap: str,
+    topics: Iterable[str],
+    client_config: dict[str, Any] | None = None,
+    *,
+    missing_ok: bool = False,
+    warn: bool = False,
 ) -> list[tuple[str, int]]:
-    """Every `(topic, partition)` of the topics; raises KafkaConnectorError if one is missing."""
+    """Every `(topic, partition)` of the topics.
+
+    A missing topic raises KafkaConnectorError, unless `missing_ok` (a bounded
+    run: a topic that does not exist has nothing to read up to), where it has no
+    partitions (with a warning when `warn`); all of them missing is an error still.
+    """
     topics = list(topics)
 
     def work(consumer: KafkaConsumer) -> list[tuple[str, int]]:
-        return [(tp.topic, tp.partition) for tp in _partitions(consumer, bootstrap, topics)]
+        return [
+            (tp.topic, tp.partition) for tp in _partitions(consumer, bootstrap, topics, missing_ok)
+        ]
 
-    return _within_deadline(bootstrap, client_config, work)
+    found = _within_deadline(bootstrap, client_config, work)
+    if warn:
+        present = {t for t, _ in found}
+        for topic in topics:
+            if topic not in present:
+                log.warning(
+                    "topic %r does not exist on Kafka at %s: nothing to read from it",
+                    topic,
+                    bootstrap,
+                )
+    return found
 
 
 def end_offsets(
@@ -468,11 +496,12 @@ class KafkaSource(FixedPartitionedSource[list[RawMessage], int]):
         self._linger_ms = 0 if bounded else linger_ms
 
     def list_parts(self) -> list[str]:
-        """Every partition of every topic; a missing topic is an error."""
-        return [
-            f"{topic}{_PART_SEP}{part}"
-            for topic, part in list_partitions(self._bootstrap, self._topics, self._client_config)
-        ]
+        """Every partition of every topic; a missing topic is an error, except in a
+        bounded run (nothing to read from it; a live run could never pick it up later)."""
+        found = list_partitions(
+            self._bootstrap, self._topics, self._client_config, missing_ok=self._bounded
+        )
+        return [f"{topic}{_PART_SEP}{part}" for topic, part in found]
 
     def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> _KafkaPartition:
         """Open a consumer for one partition at its resume offset (or `start`)."""

@@ -19,7 +19,8 @@ off, so no query reads or writes other files or URLs. Results are cut at a row l
 and queries are interrupted after a time limit.
 
 Protocol: `POST /query` with `{"sql": ..., "max_rows": n, "timeout_s": t}` (both
-optional, capped by the server's own limits); the answer is
+optional, capped by the server's own limits: `SERVER_MAX_ROWS` by default, so that one
+query cannot take the flow's memory); the answer is
 `{"columns", "types", "rows", "truncated"}` (200) or `{"error", "kind"}` with kind
 `refused`, `sql` or `timeout` (400). Values are encoded by `encode_value`.
 """
@@ -43,6 +44,8 @@ import duckdb
 import orjson
 
 TOKEN_HEADER = "X-Sferp-Token"
+# The most rows one answer of a running writer carries (the rows are built in its memory).
+SERVER_MAX_ROWS = 1_000_000
 MAX_REQUEST_BYTES = 1 << 20
 STOP_WAIT_S = 10.0  # how long `stop` waits for interrupted queries to hand their cursors back
 STOP_POLL_S = 0.05  # how often `stop` interrupts them again meanwhile
@@ -245,9 +248,9 @@ def encode_value(value: Any) -> Any:
 
 
 def execute_read_only(
-    cur: duckdb.DuckDBPyConnection, sql: str, *, max_rows: int, timeout_s: float
+    cur: duckdb.DuckDBPyConnection, sql: str, *, max_rows: int | None, timeout_s: float
 ) -> QueryResult:
-    """Check and run one read-only statement on `cur`; at most `max_rows` rows.
+    """Check and run one read-only statement on `cur`; at most `max_rows` rows (None: all).
 
     Runs inside a read-only transaction that is rolled back afterwards, and
     interrupts the query after `timeout_s` seconds (QueryTimeout).
@@ -267,7 +270,12 @@ def execute_read_only(
         try:
             cur.execute(sql)
             description = cur.description or []
-            raw = cur.fetchmany(max_rows + 1) if description else []
+            if not description:
+                raw = []
+            elif max_rows is None:
+                raw = cur.fetchall()
+            else:
+                raw = cur.fetchmany(max_rows + 1)
         except duckdb.InterruptException as exc:
             raise QueryTimeout(f"query interrupted after {timeout_s:g} s") from exc
         except duckdb.Error:
@@ -280,7 +288,7 @@ def execute_read_only(
             cur.execute("ROLLBACK")
         except duckdb.Error:
             pass
-    truncated = len(raw) > max_rows
+    truncated = max_rows is not None and len(raw) > max_rows
     rows = [[encode_value(v) for v in row] for row in raw[:max_rows]]
     return QueryResult(
         columns=[d[0] for d in description],
@@ -390,7 +398,7 @@ class QueryServer:
         root: duckdb.DuckDBPyConnection,
         views_path: str,
         *,
-        max_rows: int = 10_000,
+        max_rows: int = SERVER_MAX_ROWS,
         timeout_s: float = 30.0,
     ) -> None:
         """Remember where to serve from; `start()` opens the socket."""

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from sferp.config import ConfigError
+from sferp.usage import OneLineParser
 
 USAGE = """sferp <command> [options]
 
@@ -29,17 +30,9 @@ commands:
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that exits 2 with a single line on bad usage."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"sferp {self.prog.split()[-1]}: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def run_parser() -> argparse.ArgumentParser:
     """Arguments of `sferp run`."""
-    p = _Parser(prog="sferp run", description="Run the reconcile dataflow.")
+    p = OneLineParser(prog="sferp run", description="Run the reconcile dataflow.")
     p.add_argument("--config", help="TOML configuration file")
     p.add_argument("--bootstrap", help="Kafka bootstrap HOST:PORT (overrides kafka.bootstrap)")
     p.add_argument("--views", help="DuckDB views file (overrides views.path)")
@@ -60,9 +53,12 @@ def run_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the `sferp` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help", "help"):
+    if not args:
+        print("sferp: a command is required (see sferp --help)", file=sys.stderr)
+        raise SystemExit(2)
+    if args[0] in ("-h", "--help", "help"):
         print(USAGE)
-        raise SystemExit(0 if args else 2)
+        raise SystemExit(0)
     cmd, rest = args[0], args[1:]
     try:
         code = _dispatch(cmd, rest)
@@ -129,7 +125,7 @@ def _dispatch(cmd: str, rest: list[str]) -> int:
     if cmd == "broker":
         from sferp.broker import run_foreground
 
-        p = _Parser(prog="sferp broker", description="Run the embedded broker.")
+        p = OneLineParser(prog="sferp broker", description="Run the embedded broker.")
         p.add_argument("--port", type=int, default=9092)
         return run_foreground(p.parse_args(rest).port)
     if cmd in ("bench", "plan"):

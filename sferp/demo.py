@@ -8,7 +8,6 @@ model. Leaves the views file for `sferp query`.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections import defaultdict
@@ -24,6 +23,7 @@ from sferp.generator import GeneratorConfig, generate, produce
 from sferp.query import run_query
 from sferp.reference import ReferenceConfig, compute
 from sferp.runner import RunOptions, run_flow
+from sferp.usage import OneLineParser
 
 QUERIES = [
     (
@@ -63,7 +63,7 @@ def generated_messages(cfg: GeneratorConfig) -> list[RawMessage]:
 
 def cli_demo(argv: list[str]) -> int:
     """Run the demo; exit 0 when the views equal the reference model."""
-    p = argparse.ArgumentParser(prog="sferp demo", description=__doc__)
+    p = OneLineParser(prog="sferp demo", description=__doc__)
     p.add_argument("--orders", type=int, default=3000)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--views", default="data/views.duckdb")

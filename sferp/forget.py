@@ -32,7 +32,6 @@ values already consumed from reconciled.* (see the documentation).
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import socket
@@ -48,6 +47,7 @@ import orjson
 from sferp.config import ConfigError, load_settings
 from sferp.connectors.duckdb_schema import AUDIT_TABLE, quote
 from sferp.sfid import to18
+from sferp.usage import OneLineParser
 from sferp.views_file import open_stopped, rewrite, tables
 
 INTERNAL = "sferp_sink"
@@ -387,7 +387,7 @@ def render(report: dict[str, Any]) -> str:
 
 def cli_forget(argv: list[str]) -> int:
     """`sferp forget`; returns the exit code."""
-    ap = argparse.ArgumentParser(
+    ap = OneLineParser(
         prog="sferp forget",
         description="Erase one data subject from a stopped flow's views file (GDPR erasure).",
     )

@@ -44,6 +44,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from sferp.config import ConfigError
 from sferp.connectors.duckdb_schema import PRIMARY_KEYS, SCHEMA, TABLES
+from sferp.usage import OneLineParser
 
 if TYPE_CHECKING:
     from sferp.config import Settings
@@ -608,7 +609,7 @@ def cli_decrypt(argv: list[str]) -> int:
     """`sferp decrypt "SQL"`: `sferp query` with protected values decrypted."""
     from sferp.query import FORMATS, QueryFailed, fetch, render
 
-    ap = argparse.ArgumentParser(
+    ap = OneLineParser(
         prog="sferp decrypt",
         description="Run one read-only SQL statement against the views, like sferp query, "
         "and decrypt the encrypted values of the rows (keys from "
@@ -618,7 +619,7 @@ def cli_decrypt(argv: list[str]) -> int:
     ap.add_argument("--config", help="TOML configuration file (for [security] and [views])")
     ap.add_argument("--views", help="views file (default: views.path)")
     ap.add_argument("--format", choices=FORMATS, default="table")
-    ap.add_argument("--max-rows", type=int, default=10_000)
+    ap.add_argument("--max-rows", type=int, default=None)
     ap.add_argument("--timeout", type=float, default=30.0)
     try:
         args = ap.parse_args(argv)
@@ -775,7 +776,7 @@ def _rekey_mirror(p: Protector, path: str, topics: dict[str, str]) -> int:
 
 def cli_rekey(argv: list[str]) -> int:
     """`sferp rekey [--views PATH] [--config FILE]`: re-encrypt under the current key."""
-    ap = argparse.ArgumentParser(
+    ap = OneLineParser(
         prog="sferp rekey",
         description="Re-encrypt every encrypted value of a stopped flow's views file, undo "
         "log and Kafka mirror with security.encryption_key_id (key rotation).",

@@ -4,8 +4,9 @@ While a flow runs, its DuckDB writer holds the file's write lock and answers que
 on the endpoint it announces in `<views>.endpoint` (see
 `sferp.connectors.query_server`). When no live endpoint answers (no file, a dead
 pid, a refused connection), the views file is opened read-only instead. Either way
-the statement must be a single read-only statement, results are cut at `max_rows`
-and queries are interrupted after a time limit.
+the statement must be a single read-only statement, results are cut at `max_rows` when
+one is given (a running flow's endpoint caps an answer at 1,000,000 rows) and queries
+are interrupted after a time limit.
 
 Output formats: `table` (aligned columns, NULL shown as NULL), `csv` (header row;
 NULL as an empty field) and `json` (a list of objects). Values are encoded the same
@@ -40,6 +41,7 @@ from sferp.connectors.query_server import (
     endpoint_path,
     execute_read_only,
 )
+from sferp.usage import OneLineParser
 
 DEFAULT_VIEWS = "data/views.duckdb"
 FORMATS = ("table", "csv", "json")
@@ -78,7 +80,7 @@ def run_query(
     sql: str,
     views_path: str,
     fmt: str = "table",
-    max_rows: int = 10_000,
+    max_rows: int | None = None,
     *,
     timeout_s: float = 30.0,
     out: TextIO | None = None,
@@ -90,7 +92,7 @@ def run_query(
     if fmt not in FORMATS:
         print(f"sferp query: unknown format {fmt!r} (use table, csv or json)", file=err)
         return 2
-    if max_rows < 1:
+    if max_rows is not None and max_rows < 1:
         print("sferp query: max rows must be at least 1", file=err)
         return 2
     try:
@@ -112,7 +114,7 @@ def fetch(
     sql: str,
     views_path: str,
     *,
-    max_rows: int,
+    max_rows: int | None,
     timeout_s: float,
     wait_s: float = STARTING_WRITER_WAIT_S,
 ) -> QueryResult:
@@ -156,7 +158,7 @@ def _read_endpoint(views_path: str) -> dict[str, Any] | None:
 
 
 def _query_endpoint(
-    live: dict[str, Any], sql: str, *, max_rows: int, timeout_s: float
+    live: dict[str, Any], sql: str, *, max_rows: int | None, timeout_s: float
 ) -> QueryResult | None:
     """Ask the writer; None when nothing listens there (the caller falls back to the file)."""
     conn = http.client.HTTPConnection(live["host"], live["port"], timeout=CONNECT_TIMEOUT_S)
@@ -167,7 +169,10 @@ def _query_endpoint(
             return None
         assert conn.sock is not None
         conn.sock.settimeout(timeout_s + 30.0)
-        body = orjson.dumps({"sql": sql, "max_rows": max_rows, "timeout_s": timeout_s})
+        request: dict[str, Any] = {"sql": sql, "timeout_s": timeout_s}
+        if max_rows is not None:  # else the server's own cap
+            request["max_rows"] = max_rows
+        body = orjson.dumps(request)
         try:
             conn.request(
                 "POST",
@@ -203,7 +208,9 @@ def _query_endpoint(
     raise QueryFailed(message, 1)
 
 
-def _query_file(sql: str, views_path: str, *, max_rows: int, timeout_s: float) -> QueryResult:
+def _query_file(
+    sql: str, views_path: str, *, max_rows: int | None, timeout_s: float
+) -> QueryResult:
     """Open the views file read-only (the flow is stopped) and run the statement."""
     if not os.path.exists(views_path):
         raise QueryFailed(f"no views file at {views_path} (run a flow first, or pass --views)", 2)
@@ -312,7 +319,7 @@ def _render_json(result: QueryResult, out: TextIO) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `sferp query` argument parser."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="sferp query",
         description="Run one read-only SQL statement against the views "
         "(through the running flow, or from the file when it is stopped).",
@@ -325,7 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--format", choices=FORMATS, default="table", help="output format")
     parser.add_argument(
-        "--max-rows", type=int, default=10_000, help="row limit (default %(default)s)"
+        "--max-rows",
+        type=int,
+        default=None,
+        help="row limit (default: none; a running flow answers at most 1,000,000 rows)",
     )
     parser.add_argument(
         "--timeout", type=float, default=30.0, help="seconds before the query is interrupted"

@@ -149,6 +149,8 @@ def run_flow(settings: Settings, opts: RunOptions) -> int:
             settings.kafka.bootstrap,
             list(settings.topics.input_roles()),
             settings.kafka_client_config(),
+            missing_ok=opts.bounded,
+            warn=True,
         )
         if settings.salesforce.instance_url:  # README "Connecting to Salesforce"
             from sferp.connectors.sf_client import preflight

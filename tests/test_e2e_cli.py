@@ -148,23 +148,65 @@ def _wait_for(predicate, timeout=60.0, every=0.3):
 
 
 def test_missing_topic_is_one_clear_line_and_exit_1(broker, tmp_path):
+    """A live run cannot pick a topic up later, and a run with no input topic at all
+    is a mistake: both stop with one line."""
     config = tmp_path / "sferp.toml"
-    config.write_text('[topics]\nsf_cdc = "no.such.topic.here"\n')
-    r = sferp(
+    missing = {role: f"no.such.{role}.{os.getpid()}" for role in ROLES}
+    config.write_text("[topics]\n" + "".join(f'{r} = "{t}"\n' for r, t in missing.items()))
+    for extra in ((), ("--until-caught-up",)):
+        proc = sferp(
+            "run",
+            "--config",
+            str(config),
+            "--bootstrap",
+            broker.bootstrap,
+            "--views",
+            str(tmp_path / "v.duckdb"),
+            *extra,
+            timeout=120,
+        )
+        assert proc.returncode == 1, extra
+        lines = [x for x in proc.stderr.splitlines() if x.startswith("sferp")]
+        assert len(lines) == 1 and "no.such.sf_cdc" in lines[0], proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr and "panicked" not in proc.stderr
+
+
+def test_bounded_run_reads_the_topics_that_exist(broker, topics, tmp_path):
+    """--until-caught-up reads every partition up to its end: a topic that does not
+    exist has none, so the run warns and reads the others."""
+    names = topics({"sf_cdc": 3}) | {r: f"no.such.{r}.{os.getpid()}" for r in ROLES[1:]}
+    cfg = gen_config(names, 60, seed=5)
+    sf_only = [m for m in generated_messages(cfg) if m.topic == names["sf_cdc"]]
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap)
+    for m in sf_only:
+        producer.send(m.topic, key=m.key, value=m.value, partition=m.partition)
+    producer.flush()
+    producer.close()
+    config = tmp_path / "sferp.toml"
+    config.write_text("[topics]\n" + "".join(f'{r} = "{names[r]}"\n' for r in ROLES))
+    views_path = tmp_path / "v.duckdb"
+    proc = sferp(
         "run",
         "--config",
         str(config),
         "--bootstrap",
         broker.bootstrap,
-        "--until-caught-up",
         "--views",
-        str(tmp_path / "v.duckdb"),
-        timeout=120,
+        str(views_path),
+        "--until-caught-up",
+        timeout=300,
     )
-    assert r.returncode == 1
-    lines = [x for x in r.stderr.splitlines() if x.startswith("sferp")]
-    assert len(lines) == 1 and "no.such.topic.here" in lines[0]
-    assert "Traceback" not in r.stderr and "panicked" not in r.stderr
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for role in ROLES[1:]:
+        assert f"topic '{names[role]}' does not exist" in proc.stderr
+    views = load_views(views_path)
+    ref = compute(sf_only, ReferenceConfig(topics={names["sf_cdc"]: "salesforce"}))
+    assert not diff(ref, views)
+    assert views.flow_stats[names["sf_cdc"]]["consumed"] == len(sf_only)
+    for role in ROLES[1:]:  # one row per input topic, as ever: nothing read
+        assert not any(views.flow_stats.get(names[role], {}).values())
 
 
 def test_live_run_is_queryable_and_stops_cleanly_on_sigterm(broker, world, tmp_path):

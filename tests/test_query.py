@@ -202,6 +202,22 @@ def test_row_limit(views: str) -> None:
     assert out.splitlines()[-1] == "(5 rows)"
 
 
+def test_no_row_limit_unless_asked(tmp_path: Path, stopped: str) -> None:
+    """CONTRACT §4 names no limit: every row, from the file and from a running flow
+    (up to the server's cap, far beyond a test's or a support query's size)."""
+    sql = "SELECT * FROM range(25000)"
+    code, out, err = query(sql, stopped, "csv")
+    assert code == 0 and err == "" and len(out.splitlines()) == 25001
+    path = tmp_path / "live.duckdb"
+    w = writer(path)
+    try:
+        assert os.path.exists(endpoint_path(str(path)))
+        code, out, err = query(sql, str(path), "csv")
+        assert code == 0 and err == "" and len(out.splitlines()) == 25001
+    finally:
+        w.close()
+
+
 def test_server_row_cap(tmp_path: Path) -> None:
     path = tmp_path / "views.duckdb"
     w = writer(path, query_max_rows=3)
