@@ -7,6 +7,7 @@ are an error. Secrets are `SecretStr`, come only from the environment or from
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from pathlib import Path
@@ -450,10 +451,24 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, dict[str, Any]]:
         if key not in fields:
             raise ConfigError(f"{name}: unknown setting {section}.{key}")
         if fields[key].annotation == list[str]:
-            out.setdefault(section, {})[key] = [v.strip() for v in value.split(",") if v.strip()]
+            out.setdefault(section, {})[key] = _env_list(name, value)
         else:
             out.setdefault(section, {})[key] = value
     return out
+
+
+def _env_list(name: str, value: str) -> list[str]:
+    """A list setting from the environment: a JSON list (`["Order", "Product2"]`) or
+    comma-separated names (`Order,Product2`)."""
+    if value.lstrip().startswith("["):
+        try:
+            items = json.loads(value)
+        except ValueError:
+            raise ConfigError(f"{name}: not a JSON list of strings: {value[:80]!r}") from None
+        if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+            raise ConfigError(f"{name}: not a JSON list of strings: {value[:80]!r}")
+        return [v.strip() for v in items if v.strip()]
+    return [v.strip() for v in value.split(",") if v.strip()]
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

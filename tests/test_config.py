@@ -46,6 +46,13 @@ def test_precedence_flags_over_env_over_file(tmp_path):
 def test_env_list_setting():
     s = load_settings(environ={"SFERP_SALESFORCE__POLL_OBJECTS": "Order, OrderItem"})
     assert s.salesforce.poll_objects == ["Order", "OrderItem"]
+    s = load_settings(environ={"SFERP_SALESFORCE__POLL_OBJECTS": '["Order", "Product2"]'})
+    assert s.salesforce.poll_objects == ["Order", "Product2"]
+    s = load_settings(environ={"SFERP_SECURITY__ENCRYPT_FIELDS": "[]"})
+    assert s.security.encrypt_fields == []
+    for bad in ('["Order", 3]', '["Order"', '[{"a": 1}]'):
+        with pytest.raises(ConfigError, match="SFERP_SALESFORCE__POLL_OBJECTS: not a JSON list"):
+            load_settings(environ={"SFERP_SALESFORCE__POLL_OBJECTS": bad})
 
 
 @pytest.mark.parametrize(
