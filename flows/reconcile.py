@@ -13,6 +13,7 @@ flow_stats and the exceptions meet (DESIGN.md).
 
 from __future__ import annotations
 
+import logging
 import pickle
 import threading
 import time
@@ -33,16 +34,63 @@ from sferp.operators.coordinator import (
     CoordinatorState,
     OutputTopics,
 )
-from sferp.operators.decode import DecodeConfig, decode_batch
+from sferp.operators.decode import (
+    IGNORED_MESSAGE,
+    IGNORED_TRUNCATE,
+    DecodeConfig,
+    decode_batch,
+)
 from sferp.operators.facts import CHANGES, GLOBAL_IN, TICK, GlobalInput
 from sferp.operators.merge import CONSUMED, DEAD, IGNORED, Merger, MergeState
 from sferp.operators.routing import GLOBAL, MERGE, ORDERS, PRODUCTS, SHARDS, SKUS, shard
 from sferp.operators.views import OrdersStage, ProductsStage, SkusStage
 
 from sferp.config import Settings
-from sferp.events import Change, DeadLetter, RawMessage
+from sferp.events import Change, DeadLetter, Ignored, RawMessage
+
+log = logging.getLogger("sferp.flow")
 
 _TICK_SHARDS = [f"{MERGE}{i:02d}" for i in range(SHARDS)]
+_ERP_CONTROL_EVENTS = {  # kind of event -> what the log line says about it
+    IGNORED_TRUNCATE: (
+        "truncate (op t)",
+        "; the ERP emptied the table, the views keep its rows until their deletes "
+        "or a new snapshot arrive",
+    ),
+    IGNORED_MESSAGE: ("logical decoding message (op m)", ""),
+}
+CONTROL_LOG_INTERVAL_S = 60.0
+
+
+class ControlEventLog:
+    """Logs the ERP's `t` and `m` events, which are counted as ignored (CONTRACT §1.2):
+    the first of a kind per topic at once, then at most one line a minute with the count."""
+
+    def __init__(self, interval_s: float = CONTROL_LOG_INTERVAL_S) -> None:
+        self.interval_s = interval_s
+        self._last: dict[tuple[str, str], float] = {}
+        self._unlogged: dict[tuple[str, str], int] = {}
+
+    def saw(self, event: Ignored, now: float) -> None:
+        """Count one such event and log when the kind's line is due."""
+        key = (event.topic, event.why)
+        count = self._unlogged.get(key, 0) + 1
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval_s:
+            self._unlogged[key] = count
+            return
+        self._last[key] = now
+        self._unlogged[key] = 0
+        kind, note = _ERP_CONTROL_EVENTS[event.why]
+        log.warning(
+            "erp %s on %s[%d] at offset %d%s: counted as ignored%s",
+            kind,
+            event.topic,
+            event.partition,
+            event.offset,
+            f" ({count} such events since the last line)" if count > 1 else "",
+            note,
+        )
 
 
 @dataclass
@@ -74,6 +122,7 @@ def make_router(cfg: DecodeConfig, *, live: bool, max_future_skew_ms: int) -> An
     batch were most of the items between the stages.
     """
     known: dict[tuple[str, int], int] = {}  # partition -> its clock so far
+    control_log = ControlEventLog()
     ticked: dict[tuple[str, int], int] = {}  # partition -> minute of its last tick
 
     def route(batch: list[RawMessage]) -> list[tuple[str, tuple]]:
@@ -115,6 +164,8 @@ def make_router(cfg: DecodeConfig, *, live: bool, max_future_skew_ms: int) -> An
                 dead.append(o)
             else:
                 s[IGNORED] += 1
+                if o.why in _ERP_CONTROL_EVENTS:
+                    control_log.saw(o, time.monotonic())
                 t = o.event_time
                 if t is not None and clock < t <= cap:
                     clock = t

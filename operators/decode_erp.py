@@ -137,10 +137,12 @@ def decode_erp(
         return dead_letter(msg, BAD_ENVELOPE)
     cop = _OPS.get(op)
     if cop is None:
-        if op == "t":
-            return _new(Ignored, (msg.topic, msg.partition, msg.offset, IGNORED_TRUNCATE, None))
-        if op == "m":
-            return _new(Ignored, (msg.topic, msg.partition, msg.offset, IGNORED_MESSAGE, None))
+        if op == "t" or op == "m":  # ignored, never dead letters; their time moves the clock
+            why = IGNORED_TRUNCATE if op == "t" else IGNORED_MESSAGE
+            source = e.get("source")
+            ts = source.get("ts_ms") if type(source) is dict else None
+            ts = ts if type(ts) is int else None
+            return _new(Ignored, (msg.topic, msg.partition, msg.offset, why, ts))
         return dead_letter(msg, BAD_ENVELOPE)
     source = e.get("source")
     if type(source) is not dict:

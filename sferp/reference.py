@@ -498,8 +498,11 @@ def _decode_erp(obj: dict, msg: RawMessage, table: str, max_fields: int) -> list
     op = envelope.get("op")
     if type(op) is not str:
         raise _Dead("bad_envelope")
-    if op in ("t", "m"):
-        return Ignored(msg.topic, msg.partition, msg.offset, f"op_{op}", None)
+    if op in ("t", "m"):  # ignored; `source.ts_ms`, when there is one, moves the clock
+        source = envelope.get("source")
+        ts_ms = source.get("ts_ms") if type(source) is dict else None
+        event_time = ts_ms if type(ts_ms) is int else None
+        return Ignored(msg.topic, msg.partition, msg.offset, f"op_{op}", event_time)
     if op not in ("c", "u", "d", "r"):
         raise _Dead("bad_envelope")
     source = envelope.get("source")

@@ -768,9 +768,13 @@ def test_delete_carries_the_before_image_and_skips_number_checks():
 
 
 @pytest.mark.parametrize("op", ["t", "m"])
-def test_truncate_and_logical_messages_are_ignored_without_a_clock(op):
-    assert one(SO, {"op": op, "source": source()}) == Ignored(SO, 2, 7, f"op_{op}", None)
-    assert one(SO, {"op": op}) == Ignored(SO, 2, 7, f"op_{op}", None)  # before other checks
+def test_truncate_and_logical_messages_are_ignored_and_feed_the_clock(op):
+    ts = source()["ts_ms"]
+    assert one(SO, {"op": op, "source": source()}) == Ignored(SO, 2, 7, f"op_{op}", ts)
+    # Never a dead letter: without a usable source.ts_ms they have no event time.
+    assert one(SO, {"op": op}) == Ignored(SO, 2, 7, f"op_{op}", None)
+    for bad in ("x", None, {"ts_ms": "1"}, {"ts_ms": 1.5}, {"ts_ms": True}):
+        assert one(SO, {"op": op, "source": bad}) == Ignored(SO, 2, 7, f"op_{op}", None)
 
 
 @pytest.mark.parametrize(

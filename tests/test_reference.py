@@ -450,7 +450,20 @@ def test_debezium_ops_snapshot_tombstone_truncate_message():
         "ignored": 3,
     }
     assert reasons(views) == ["bad_envelope"]
-    assert views.now_ms == T0  # tombstones, t, m and dead letters do not move the clock
+    # t and m move the clock (ignored events, not dead letters); tombstones and
+    # dead letters do not.
+    assert views.now_ms == T0 + 10 * MIN
+
+
+def test_an_erp_truncate_ages_hand_offs_like_any_event():
+    f = Feed()
+    f.sf("Order", "CREATE", ORDER, T0, Status="Activated")
+    f.erp("items", "m", None, lsn=1, ts=T0 + 10 * MIN)
+    assert f.views().open_exceptions == set()
+    f.erp("items", "t", None, lsn=2, ts=T0 + 20 * MIN)
+    views = f.views()
+    assert views.now_ms == T0 + 20 * MIN
+    assert views.open_exceptions == {("HANDOFF_OVERDUE", ORDER)}
 
 
 def test_erp_primary_key_from_message_key_plain_and_schema_wrapped():

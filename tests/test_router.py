@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from sferp.flows.reconcile import make_router
-from sferp.operators.decode import DecodeConfig, decode_batch
+import logging
+
+import orjson
+from sferp.flows.reconcile import ControlEventLog, make_router
+from sferp.operators.decode import IGNORED_TRUNCATE, DecodeConfig, decode_batch
 from sferp.operators.facts import CHANGES, GLOBAL_IN, TICK
+from sferp.operators.merge import IGNORED
 from sferp.operators.routing import SHARDS
 
 from sferp.demo import generated_messages
-from sferp.events import Change
+from sferp.events import Change, Ignored, RawMessage
 from sferp.generator import DEFAULT_TOPICS, GeneratorConfig
 
 ROLES = {
@@ -87,3 +91,42 @@ def test_ticks_go_to_every_shard_only_when_a_clock_enters_a_new_minute() -> None
         else:
             assert ticks == []
     assert 1 < ticked_batches < len(batches) // 2
+
+
+def _erp_control(op: str, offset: int, ts: int) -> RawMessage:
+    value = {"op": op, "source": {"ts_ms": ts, "table": "items", "lsn": offset}, "ts_ms": ts}
+    return RawMessage(DEFAULT_TOPICS["erp_items"], 0, offset, None, orjson.dumps(value), ts)
+
+
+def test_erp_truncates_and_messages_move_the_clock_and_are_logged(caplog) -> None:
+    """CONTRACT §1.2: `t`/`m` are counted as ignored and logged; §2: an event that is
+    not dead-lettered moves the clock."""
+    route = make_router(DecodeConfig(topics=ROLES), live=False, max_future_skew_ms=0)
+    t0 = 1_764_309_600_000
+    with caplog.at_level(logging.WARNING, logger="sferp.flow"):
+        out = route([_erp_control("t", 5, t0), _erp_control("m", 6, t0 + 1000)])
+        out += route([_erp_control("t", 7, t0 + 2000), _erp_control("t", 8, t0 + 3000)])
+    gis = [p[1] for dest, p in out if p[0] == GLOBAL_IN]
+    assert [gi.clocks for gi in gis] == [
+        {(DEFAULT_TOPICS["erp_items"], 0): t0 + 1000},
+        {(DEFAULT_TOPICS["erp_items"], 0): t0 + 3000},
+    ]
+    assert sum(gi.stats[DEFAULT_TOPICS["erp_items"]][IGNORED] for gi in gis) == 4
+    lines = [r.getMessage() for r in caplog.records]
+    # The first truncate and the first message at once; later truncates within the
+    # minute are counted into the next line.
+    assert len(lines) == 2
+    assert "truncate (op t)" in lines[0] and "offset 5" in lines[0]
+    assert "logical decoding message (op m)" in lines[1] and "offset 6" in lines[1]
+
+
+def test_control_event_lines_are_limited_to_one_a_minute_per_kind(caplog) -> None:
+    clog = ControlEventLog(interval_s=60)
+    event = Ignored(DEFAULT_TOPICS["erp_items"], 0, 1, IGNORED_TRUNCATE, None)
+    with caplog.at_level(logging.WARNING, logger="sferp.flow"):
+        for now in (0.0, 1.0, 2.0, 61.0, 62.0):
+            clog.saw(event, now)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2
+    assert "such events" not in lines[0]
+    assert "(3 such events since the last line)" in lines[1]
