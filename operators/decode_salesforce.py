@@ -142,6 +142,11 @@ def decode_salesforce(o: dict[str, Any], msg: RawMessage, max_fields: int = 1000
     entity = h.get("entityName")
     if type(entity) is not str:
         return dead_letter(msg, BAD_HEADER)
+    spec = _SPECS.get(entity)
+    if spec is None:  # another entity: legitimate traffic, never a dead letter (CONTRACT §1.1)
+        ts = h.get("commitTimestamp")
+        ts = ts if type(ts) is int else None
+        return _new(Ignored, (msg.topic, msg.partition, msg.offset, IGNORED_ENTITY, ts))
     change_type = h.get("changeType")
     if type(change_type) is not str:
         return dead_letter(msg, BAD_HEADER)
@@ -164,9 +169,6 @@ def decode_salesforce(o: dict[str, Any], msg: RawMessage, max_fields: int = 1000
     if not _is_str_list(record_ids) or (not record_ids and change_type != "GAP_OVERFLOW"):
         return dead_letter(msg, BAD_HEADER)
 
-    spec = _SPECS.get(entity)
-    if spec is None:
-        return _new(Ignored, (msg.topic, msg.partition, msg.offset, IGNORED_ENTITY, ts))
     used, numeric, references, entity = spec
     if len(b) > max_fields and _body_fields(b) > max_fields:
         return dead_letter(msg, TOO_MANY_FIELDS)

@@ -359,6 +359,11 @@ def _decode_sf(obj: dict, msg: RawMessage, max_fields: int) -> list[Change] | Ig
         raise _Dead("missing_header")
 
     entity = header.get("entityName")
+    if type(entity) is str and entity not in SF_FIELDS:
+        # Another entity: ignored whatever the rest of its header says (CONTRACT §1.1).
+        commit_ts = header.get("commitTimestamp")
+        event_time = commit_ts if _is_int(commit_ts) else None
+        return Ignored(msg.topic, msg.partition, msg.offset, "entity", event_time)
     change_type = header.get("changeType")
     commit_ts = header.get("commitTimestamp")
     seq = header.get("sequenceNumber")
@@ -377,8 +382,6 @@ def _decode_sf(obj: dict, msg: RawMessage, max_fields: int) -> list[Change] | Ig
         or (not record_ids and change_type != "GAP_OVERFLOW")
     ):
         raise _Dead("bad_header")
-    if entity not in SF_FIELDS:
-        return Ignored(msg.topic, msg.partition, msg.offset, "entity", commit_ts)
 
     op = SF_CHANGE_TYPES[change_type]
     body_fields = {k: v for k, v in body.items() if k not in SF_METADATA}

@@ -431,11 +431,21 @@ def test_bad_header(change):
         assert reason(SF, doc) == "bad_header"
 
 
-def test_header_of_an_unused_entity_is_still_validated():
-    assert reason(SF, bare(header(entityName="Lead", commitTimestamp="x"))) == "bad_header"
-    assert reason(SF, bare(header(entityName="Lead", recordIds=[]))) == "bad_header"
+def test_an_unused_entity_is_ignored_whatever_the_rest_of_its_header():
+    """CONTRACT §1.1: events of other entities are never dead-lettered."""
+    lead = Ignored(SF, 2, 7, "entity", None)
+    assert one(SF, bare(header(entityName="Lead", commitTimestamp="x"))) == lead
+    assert one(SF, bare(header(entityName="Lead", commitTimestamp=1.5))) == lead
+    assert one(SF, bare(header(entityName="Lead", changeType="MERGE"))) == lead._replace(
+        event_time=TS
+    )
+    assert one(SF, bare(header(entityName="Lead", recordIds=[]))).why == "entity"
+    assert one(SF, bare(header(entityName="Lead", commitNumber=None))).why == "entity"
     out = one(SF, bare(header(entityName="Lead", changedFields=5, commitTimestamp=123)))
     assert out == Ignored(SF, 2, 7, "entity", 123)
+    # Without a readable entity name it is not known to be another entity.
+    assert reason(SF, bare(header(entityName=None))) == "bad_header"
+    assert reason(SF, bare(header(entityName=7, commitTimestamp="x"))) == "bad_header"
 
 
 @pytest.mark.parametrize("entity", ["Lead", "Contact", "order", "Opportunity", ""])
