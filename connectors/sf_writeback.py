@@ -392,15 +392,17 @@ class Writeback:
         sobject, rid = key
         now_ms = int(time.time() * 1000)
         raw = orjson.dumps({"sobject": sobject, "id": rid, "fields": fields, "message": message})
+        coordinates = f"{WRITEBACK_TOPIC}:{sobject}:{rid}"
         value = {
             "reason": f"writeback:{code}",
             "topic": WRITEBACK_TOPIC,
             "partition": 0,
             "offset": now_ms,
             "raw": raw.decode(),
+            "lineage": {"input": coordinates},
         }
         log.error("write-back of %s %s failed for good: %s", sobject, rid, code)
-        self.dead_letters(f"{WRITEBACK_TOPIC}:{sobject}:{rid}".encode(), orjson.dumps(value))
+        self.dead_letters(coordinates.encode(), orjson.dumps(value))
 
 
 class _WritebackPartition(StatefulSinkPartition[WritebackInput, dict | None]):

@@ -120,12 +120,14 @@ class CoordinatorState:
         self.pending: dict[str, int] = {}  # order -> activated_at (hand-off candidates)
         self.overdue: set[str] = set()
         self.heap: list[tuple[int, str]] = []
+        self.lineage: dict[str, dict[str, str]] = {}  # pending order -> its row's lineage
         # Kafka records not yet emitted, (topic, key) -> value; pickled with the
         # state, so a snapshot taken while records wait still carries them.
         self.outbox: dict[tuple[str, bytes], Any] = {}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state.setdefault("outbox", {})  # snapshots taken before the outbox existed
+        state.setdefault("lineage", {})  # ... and before hand-offs kept their lineage
         self.__dict__.update(state)
 
 
@@ -191,15 +193,16 @@ class Coordinator:
                 dl_rows = delta.setdefault("dead_letters", {})
                 for d in gi.dead_letters:
                     dl_rows[(d.topic, d.partition, d.offset)] = tuple(d)
+                    coordinates = f"{d.topic}:{d.partition}:{d.offset}"
                     value = {
                         "reason": d.reason,
                         "topic": d.topic,
                         "partition": d.partition,
                         "offset": d.offset,
                         "raw": d.raw,
+                        "lineage": {"input": coordinates},  # the message itself
                     }
-                    key = f"{d.topic}:{d.partition}:{d.offset}".encode()
-                    kafka[(self.topics.dlq, key)] = orjson.dumps(value)
+                    kafka[(self.topics.dlq, coordinates.encode())] = orjson.dumps(value)
             for table, rows in gi.rows.items():
                 if not rows:
                     continue
@@ -309,7 +312,7 @@ class Coordinator:
         kafka[(self.topics.exceptions, f"{exc.kind}:{exc.key}".encode())] = (
             EXCEPTION_COLUMNS,
             row,
-            {},
+            exc.lineage or {},
         )
 
     def _handoff(self, cand: HandoffCandidate, delta: dict, kafka: dict) -> None:
@@ -317,12 +320,17 @@ class Coordinator:
         oid = cand.order_id
         if cand.activated_at is None:
             st.pending.pop(oid, None)
+            st.lineage.pop(oid, None)
             if oid in st.overdue:
                 st.overdue.discard(oid)
-                fact = ExceptionFact("HANDOFF_OVERDUE", oid, False, "handed off", st.clock)
+                fact = ExceptionFact(
+                    "HANDOFF_OVERDUE", oid, False, "handed off", st.clock, cand.lineage
+                )
                 self._exception(fact, delta, kafka)
             return
         st.pending[oid] = cand.activated_at
+        if cand.lineage:
+            st.lineage[oid] = cand.lineage
         heapq.heappush(st.heap, (cand.activated_at, oid))
 
     def _check_overdue(self, delta: dict, kafka: dict) -> None:
@@ -339,7 +347,9 @@ class Coordinator:
                 f"{self.sla / 60_000:g} min"
             )
             # It became overdue at activated_at + SLA (event time): that is its first_seen.
-            fact = ExceptionFact("HANDOFF_OVERDUE", oid, True, detail, activated + self.sla)
+            fact = ExceptionFact(
+                "HANDOFF_OVERDUE", oid, True, detail, activated + self.sla, st.lineage.get(oid)
+            )
             self._exception(fact, delta, kafka)
         # An order whose candidate moved (re-activated later) but is overdue under
         # the old time stays open until retracted: retraction closes it.

@@ -111,20 +111,29 @@ class ErpItemFact(NamedTuple):
 
 
 class ExceptionFact(NamedTuple):
-    """The current state of one reconciliation exception."""
+    """The current state of one reconciliation exception.
+
+    `lineage`: the identities of the source events behind this state, by source
+    (`{"salesforce": ..., "erp": ...}`), as the reconciled.exceptions value carries it.
+    """
 
     kind: str
     key: str
     open: bool
     detail: str
     event_time: int
+    lineage: dict[str, str] | None = None
 
 
 class HandoffCandidate(NamedTuple):
-    """An Activated, unlinked Order (activated_at known), or its retraction."""
+    """An Activated, unlinked Order (activated_at known), or its retraction.
+
+    `lineage`: the order row's source events (the HANDOFF_OVERDUE exception's lineage).
+    """
 
     order_id: str
     activated_at: int | None  # None retracts
+    lineage: dict[str, str] | None = None
 
 
 class GlobalInput(NamedTuple):

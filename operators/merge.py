@@ -249,6 +249,13 @@ class Merger:
                 r.lc_stamp is not None and r.lc_stamp > g[0] for r in recs
             )
             if is_open != g[1] or is_open:
+                # The gap event; else what closed it: the re-read, or the newest lifecycle.
+                if is_open:
+                    ident = g[0][1]
+                elif resynced:
+                    ident = g[3][1]
+                else:
+                    ident = max(r.lc_stamp for r in recs if r.lc_stamp is not None)[1]
                 exceptions.append(
                     ExceptionFact(
                         "SF_RESYNC_NEEDED",
@@ -260,6 +267,7 @@ class Merger:
                         if resynced
                         else "closed by a newer create, undelete or delete",
                         max([g[2]] + [r.event_time for r in recs]),
+                        {"salesforce": ident} if ident else None,
                     )
                 )
                 g[1] = is_open

@@ -269,13 +269,14 @@ class OrdersStage:
                 q2c,
             )
         old = node.row
+        lineage = _lineage(
+            salesforce=o.identity if o is not None else None,
+            erp=link.identity if link is not None else None,
+        )
         if row != old or (row is not None and updated != node.row_updated):
             if row is None:
                 rows[(oid,)] = None
             else:
-                lineage = {"salesforce": o.identity}
-                if link is not None and link.identity:
-                    lineage["erp"] = link.identity
                 rows[(oid,)] = (*row, updated, lineage, row != old)
             node.row = row
             node.row_updated = updated
@@ -286,7 +287,9 @@ class OrdersStage:
                 if mismatch
                 else "amounts agree or order no longer linked"
             )
-            exceptions.append(ExceptionFact("AMOUNT_MISMATCH", oid, mismatch, detail, updated))
+            exceptions.append(
+                ExceptionFact("AMOUNT_MISMATCH", oid, mismatch, detail, updated, lineage)
+            )
             node.mismatch = mismatch
         # ORPHAN_ERP_ORDER: live ERP orders naming an Order that is not live
         if not live or node.orphans:
@@ -301,11 +304,19 @@ class OrdersStage:
                         True,
                         f"sf_order_id {oid} names no live Salesforce Order",
                         e.event_time,
+                        _lineage(erp=e.identity, salesforce=o.identity if o else None),
                     )
                 )
             for rk in sorted(node.orphans - orphans):
                 exceptions.append(
-                    ExceptionFact("ORPHAN_ERP_ORDER", _order_no_of(rk), False, "resolved", updated)
+                    ExceptionFact(
+                        "ORPHAN_ERP_ORDER",
+                        _order_no_of(rk),
+                        False,
+                        "resolved",
+                        updated,
+                        _lineage(salesforce=o.identity if o else None),
+                    )
                 )
             node.orphans = orphans
         # hand-off candidate
@@ -315,7 +326,7 @@ class OrdersStage:
             else None
         )
         if cand != node.handoff:
-            handoffs.append(HandoffCandidate(oid, cand))
+            handoffs.append(HandoffCandidate(oid, cand, lineage))
             node.handoff = cand
         # demand per product
         demand: dict[str, tuple[Decimal, bool]] = {}
@@ -532,6 +543,7 @@ class SkusStage:
                         if unknown
                         else "ERP item exists or no longer ordered",
                         node.updated,
+                        _lineage(erp=node.erp_ident, salesforce=node.sf_ident),
                     )
                 )
                 node.unknown = unknown

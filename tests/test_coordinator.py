@@ -58,7 +58,8 @@ def test_flow_stats_has_a_row_for_every_input_topic_from_the_start():
 def test_handoff_opens_only_after_the_sla_in_event_time_and_closes_on_handoff():
     c = make()
     t0 = 1_800_000_000_000
-    delta, kafka = c.process([gi(clock=t0, handoffs=[HandoffCandidate("801A", t0)])])
+    lineage = {"salesforce": "sf|Order|tx|1|801A"}
+    delta, kafka = c.process([gi(clock=t0, handoffs=[HandoffCandidate("801A", t0, lineage)])])
     assert "reconciliation_exceptions" not in delta
     delta, kafka = c.process([gi(clock=t0 + 15 * MIN)])  # exactly the SLA: not exceeded
     assert "reconciliation_exceptions" not in delta
@@ -68,8 +69,24 @@ def test_handoff_opens_only_after_the_sla_in_event_time_and_closes_on_handoff():
     ((topic, key, value),) = kafka
     assert topic == "reconciled.exceptions" and key == b"HANDOFF_OVERDUE:801A"
     assert json.loads(value)["open"] is True
-    delta, kafka = c.process([gi(handoffs=[HandoffCandidate("801A", None)])])
+    assert json.loads(value)["lineage"] == lineage  # the activated order's event
+    linked = {"salesforce": "sf|Order|tx|1|801A", "erp": "erp|sales_orders|k|9"}
+    delta, kafka = c.process([gi(handoffs=[HandoffCandidate("801A", None, linked)])])
     assert delta["reconciliation_exceptions"][("HANDOFF_OVERDUE", "801A")][5] is False
+    ((_, _, value),) = kafka
+    assert json.loads(value)["lineage"] == linked  # the events that handed it off
+    assert c.state.lineage == {}  # nothing kept for orders no longer pending
+
+
+def test_exceptions_carry_the_lineage_of_their_facts():
+    c = make()
+    lin = {"erp": "erp|sales_orders|k|3"}
+    _, kafka = c.process(
+        [gi(exceptions=[ExceptionFact("ORPHAN_ERP_ORDER", "7", True, "d", 1, lin)])]
+    )
+    ((topic, key, value),) = kafka
+    assert (topic, key) == ("reconciled.exceptions", b"ORPHAN_ERP_ORDER:7")
+    assert json.loads(value)["lineage"] == lin
 
 
 def test_live_clock_ages_with_wall_clock_and_is_capped(monkeypatch):

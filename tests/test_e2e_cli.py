@@ -104,13 +104,20 @@ def assert_outputs_agree(broker, names, views) -> None:
         assert got["stage"] == row.stage and got["erp_order_no"] == row.erp_order_no
         assert (None if got["sf_total"] is None else Decimal(got["sf_total"])) == row.sf_total
         assert got["amount_matches"] == row.amount_matches
+        assert set(got["lineage"]) >= {"salesforce"} and all(got["lineage"].values())
     exc = latest_per_key(read_topic(broker.bootstrap, names["out_exceptions"]))
     open_keys = {tuple(k.split(":", 1)) for k, v in exc.items() if v["open"]}
     assert open_keys == views.open_exceptions
-    dlq = read_topic(broker.bootstrap, names["dlq"])
-    assert {(json.loads(m.value)["offset"], json.loads(m.value)["reason"]) for m in dlq} == {
-        (d[2], d[3]) for d in views.dead_letters
-    }
+    for key, value in exc.items():  # CONTRACT §3.2: each value carries its lineage
+        assert value["lineage"] and all(value["lineage"].values()), (key, value)
+        if key.startswith("ORPHAN_ERP_ORDER:") and value["open"]:
+            assert value["lineage"]["erp"].startswith("erp|sales_orders|")
+        if key.startswith(("AMOUNT_MISMATCH:", "HANDOFF_OVERDUE:")) and value["open"]:
+            assert value["lineage"]["salesforce"].startswith("sf|Order|")
+    dlq = [json.loads(m.value) for m in read_topic(broker.bootstrap, names["dlq"])]
+    assert {(v["offset"], v["reason"]) for v in dlq} == {(d[2], d[3]) for d in views.dead_letters}
+    for v in dlq:
+        assert v["lineage"] == {"input": f"{v['topic']}:{v['partition']}:{v['offset']}"}
 
 
 def test_bounded_run_equals_reference_and_outputs_agree(broker, world, tmp_path):

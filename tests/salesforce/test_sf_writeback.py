@@ -249,4 +249,6 @@ def test_dead_letters_reach_the_dlq_topic(fake_sf, broker, topics):
     assert got[0].key == f"salesforce.writeback:Order:{ids[1]}".encode()
     value = orjson.loads(got[0].value)
     assert value["reason"] == "writeback:INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST"
-    assert set(value) == {"reason", "topic", "partition", "offset", "raw"}
+    # CONTRACT §3.2: the DLQ's fields, and, like every output value, `lineage`.
+    assert set(value) == {"reason", "topic", "partition", "offset", "raw", "lineage"}
+    assert value["lineage"] == {"input": f"salesforce.writeback:Order:{ids[1]}"}
