@@ -106,6 +106,7 @@ STAT_COUNTERS = (
     ("dead_lettered", "sferp_events_dead_lettered", "Messages that became dead letters."),
     ("ignored", "sferp_events_ignored", "Legitimate messages outside the views (tombstones...)."),
 )
+DEAD_LETTERS_HELP = "Dead letters by input topic and reason (the dead_letters view)."
 DEAD_LETTER_REPORT_S = 60.0  # at most one dead-letter summary line per minute
 SNAPSHOT_REPORT_S = 60.0  # at most one snapshot line per minute
 _MAX_PENDING_BATCHES = 100_000  # bound on consume times awaiting their commit
@@ -810,6 +811,14 @@ class _Collector(Collector):
             value=m._lag_errors,
         )
         if not m.writer:
+            # CONTRACT §5: every process serves these names. Their totals are the
+            # views', known only to the writer's process: here they have no samples,
+            # so that a sum over the cluster's processes counts each message once.
+            for _, name, doc in STAT_COUNTERS:
+                yield CounterMetricFamily(name, doc, labels=["topic"])
+            yield CounterMetricFamily(
+                "sferp_dead_letters", DEAD_LETTERS_HELP, labels=["topic", "reason"]
+            )
             return
         yield from self._view_families(m, views, floor)
 
@@ -827,9 +836,7 @@ class _Collector(Collector):
                 c.add_metric([topic], max(cur.stats.get(key, 0), floor.stats.get(key, 0)))
             yield c
         dead = CounterMetricFamily(
-            "sferp_dead_letters",
-            "Dead letters by input topic and reason (the dead_letters view).",
-            labels=["topic", "reason"],
+            "sferp_dead_letters", DEAD_LETTERS_HELP, labels=["topic", "reason"]
         )
         for key in sorted(set(cur.dead) | set(floor.dead)):
             dead.add_metric(list(key), max(cur.dead.get(key, 0), floor.dead.get(key, 0)))

@@ -587,3 +587,23 @@ def test_views_writer_accepts_a_table_without_rows(tmp_path):
     write_views_file(path, [{"records": {}, "order_status": {}}])  # nothing else at all
     with duckdb.connect(path, read_only=True) as con:
         assert con.execute("SELECT count(*) FROM flow_stats").fetchone() == (0,)
+
+
+def test_every_process_serves_the_contract_metric_names():
+    """CONTRACT §5: each process serves the five names; only the views' owner has
+    samples of the view totals (a sum over the cluster counts each message once)."""
+    settings = load_settings(overrides={})
+    text = _scrape(Monitor(settings, views_path="unused", writer=False, process_id=1))
+    names = {fam.name: fam for fam in text_string_to_metric_families(text)}
+    for name in (
+        "sferp_events_consumed",
+        "sferp_events_duplicate",
+        "sferp_events_late",
+        "sferp_dead_letters",
+        "sferp_event_lag_seconds",
+        "sferp_view_commit_seconds",
+    ):
+        assert name in names, name
+    for name in ("sferp_events_consumed", "sferp_events_duplicate", "sferp_dead_letters"):
+        assert f"# TYPE {name}_total counter" in text
+        assert names[name].samples == []
