@@ -141,7 +141,10 @@ def decode_erp(
             why = IGNORED_TRUNCATE if op == "t" else IGNORED_MESSAGE
             source = e.get("source")
             ts = source.get("ts_ms") if type(source) is dict else None
-            ts = ts if type(ts) is int else None
+            if type(ts) is not int:
+                if is_big_integral(ts):  # beyond 64 bits: orjson gave a float
+                    raise ReparseExact(BAD_ENVELOPE)
+                ts = None
             return _new(Ignored, (msg.topic, msg.partition, msg.offset, why, ts))
         return dead_letter(msg, BAD_ENVELOPE)
     source = e.get("source")

@@ -145,7 +145,10 @@ def decode_salesforce(o: dict[str, Any], msg: RawMessage, max_fields: int = 1000
     spec = _SPECS.get(entity)
     if spec is None:  # another entity: legitimate traffic, never a dead letter (CONTRACT §1.1)
         ts = h.get("commitTimestamp")
-        ts = ts if type(ts) is int else None
+        if type(ts) is not int:
+            if is_big_integral(ts):  # beyond 64 bits: orjson gave a float
+                raise ReparseExact(BAD_HEADER)
+            ts = None
         return _new(Ignored, (msg.topic, msg.partition, msg.offset, IGNORED_ENTITY, ts))
     change_type = h.get("changeType")
     if type(change_type) is not str:
@@ -198,6 +201,10 @@ def decode_salesforce(o: dict[str, Any], msg: RawMessage, max_fields: int = 1000
             for k, v in b.items():
                 if v is not None and k not in METADATA_KEYS:
                     fields[k] = v
+            if nulled:  # named as nulled: a change whatever changedFields says
+                get = b.get
+                for k in nulled:
+                    fields[k] = None if k in METADATA_KEYS else get(k)
     elif op is CREATE or op is UNDELETE:
         # The body is this message's own freshly parsed object: reuse it.
         fields = b

@@ -405,6 +405,7 @@ def _decode_sf(obj: dict, msg: RawMessage, max_fields: int) -> list[Change] | Ig
             changes = {name: body_fields.get(name) for name in changed + (nulled or [])}
         else:
             changes = {k: v for k, v in body_fields.items() if v is not None}
+            changes.update({name: body_fields.get(name) for name in nulled or []})
     else:
         changes = None
 

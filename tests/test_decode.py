@@ -443,6 +443,9 @@ def test_an_unused_entity_is_ignored_whatever_the_rest_of_its_header():
     assert one(SF, bare(header(entityName="Lead", commitNumber=None))).why == "entity"
     out = one(SF, bare(header(entityName="Lead", changedFields=5, commitTimestamp=123)))
     assert out == Ignored(SF, 2, 7, "entity", 123)
+    assert one(SF, bare(header(entityName="Lead", commitTimestamp=2**70))) == lead._replace(
+        event_time=2**70
+    )
     # Without a readable entity name it is not known to be another entity.
     assert reason(SF, bare(header(entityName=None))) == "bad_header"
     assert reason(SF, bare(header(entityName=7, commitTimestamp="x"))) == "bad_header"
@@ -524,11 +527,17 @@ def test_update_change_list_may_name_metadata_and_compound_names():
 
 
 @pytest.mark.parametrize("changed", [[], _DROP])
-def test_update_without_changed_fields_uses_non_null_body_fields(changed):
-    h = header(changedFields=changed, nulledFields=["TotalAmount"])
+def test_update_without_changed_fields_uses_non_null_body_fields_and_nulled_fields(changed):
+    h = header(changedFields=changed, nulledFields=["TotalAmount", "EffectiveDate"])
     doc = flat(h, ORDER_FIELDS, Status="Activated", Description="d", TotalAmount=None)
     ch = sf_change(doc)
-    assert ch.fields == {"Status": "Activated", "Description": "d"}
+    # CONTRACT §1.1: the fields named in nulledFields are changes in every case.
+    assert ch.fields == {
+        "Status": "Activated",
+        "Description": "d",
+        "TotalAmount": None,
+        "EffectiveDate": None,
+    }
     doc2 = wrapped(header(changedFields=changed, nulledFields=_DROP), OrderNumber=0, Status=None)
     assert sf_change(doc2).fields == {"OrderNumber": 0}
 
@@ -785,6 +794,8 @@ def test_truncate_and_logical_messages_are_ignored_and_feed_the_clock(op):
     assert one(SO, {"op": op}) == Ignored(SO, 2, 7, f"op_{op}", None)
     for bad in ("x", None, {"ts_ms": "1"}, {"ts_ms": 1.5}, {"ts_ms": True}):
         assert one(SO, {"op": op, "source": bad}) == Ignored(SO, 2, 7, f"op_{op}", None)
+    for big in (-(2**70), 2**64 + 1):  # exact beyond 64 bits, as the reference reads them
+        assert one(SO, {"op": op, "source": {"ts_ms": big}}) == Ignored(SO, 2, 7, f"op_{op}", big)
 
 
 @pytest.mark.parametrize(

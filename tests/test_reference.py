@@ -398,6 +398,14 @@ def test_update_without_changed_fields_applies_non_null_body_fields(changed):
     assert row.fields["Status"] == "Activated" and row.fields["TotalAmount"] == 9
 
 
+def test_nulled_fields_are_changes_even_without_changed_fields():
+    f = Feed()
+    f.sf("Order", "CREATE", ORDER, T0, OrderNumber="1", Status="Draft", EffectiveDate="2026-11-02")
+    f.sf("Order", "UPDATE", ORDER, T0 + MIN, changed=[], nulled=["EffectiveDate"], Status="Draft")
+    row = rec(f.views(), "Order", ORDER)
+    assert row.fields["EffectiveDate"] is None and row.fields["OrderNumber"] == "1"
+
+
 # --- ERP merge -------------------------------------------------------------------------------
 
 
