@@ -59,7 +59,7 @@ class ErpOrderFact(NamedTuple):
 
 
 class ProductFact(NamedTuple):
-    """A Salesforce Product2's sku (None when deleted or without ProductCode)."""
+    """A Salesforce Product2's sku (None when deleted or without a text ProductCode)."""
 
     product_id: str
     sku: str | None

@@ -335,7 +335,8 @@ def _facts(entity: str, source: str, key: str, rec: Any, send: Any, f: dict[str,
                 )
         elif entity == "Product2":
             code = f.get("ProductCode")
-            sku = _s(code) if live and code not in (None, "") else None
+            # Salesforce sends it as text: a number or a boolean there names no ERP sku
+            sku = code if live and type(code) is str and code != "" else None
             send(shard(PRODUCTS, key), ProductFact(key, sku, rec.event_time, rec.identity))
         return
     live = rec.live

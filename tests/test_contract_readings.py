@@ -1,0 +1,78 @@
+"""Small scenarios where the contract's wording decides, run through the real flow and
+the reference model: both must give the same views, and the views what CONTRACT says."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from flowkit import run_in_memory
+from test_pathological_input import ITEMS, ORDER, SF, SO, T0, erp_event, sf_event, to_messages
+
+from sferp.compare import diff
+from sferp.reference import compute
+
+MIN = 60_000
+ITEM = "802000000000001AAA"
+PRODUCT = "01t000000000001AAA"
+
+
+def flow_and_reference(items, tmp_path):
+    msgs = to_messages(items)
+    views = run_in_memory(msgs, tmp_path / "views.duckdb")
+    expected = compute(msgs)
+    assert diff(expected, views) == []
+    return views
+
+
+def activated_order_with_one_item(product_code) -> list:
+    return [
+        (SF, PRODUCT, sf_event("CREATE", PRODUCT, T0, 0, "Product2", ProductCode=product_code)),
+        (SF, ORDER, sf_event("CREATE", ORDER, T0, 1, Status="Activated", OrderNumber="1")),
+        (
+            SF,
+            ITEM,
+            sf_event(
+                "CREATE", ITEM, T0, 2, "OrderItem", OrderId=ORDER, Product2Id=PRODUCT, Quantity=3
+            ),
+        ),  # fmt: skip
+    ]
+
+
+@pytest.mark.parametrize("code, sku", [("S1", "S1"), (42, None), (True, None), ("", None)])
+def test_only_a_text_product_code_names_a_sku(code, sku, tmp_path):
+    """Salesforce sends ProductCode as text; anything else names no ERP sku."""
+    items = activated_order_with_one_item(code)
+    items.append((ITEMS, {"sku": 42}, erp_event("c", "items", {"sku": 42}, 5)))
+    views = flow_and_reference(items, tmp_path)
+    if sku is None:
+        assert views.inventory_live == {}
+    else:
+        assert views.inventory_live[sku].sf_open_demand == 3
+
+
+def test_a_truncate_in_the_erp_ages_hand_offs(tmp_path):
+    items = activated_order_with_one_item("S1")
+    truncate = {"op": "t", "source": {"table": "sales_orders", "ts_ms": T0 + 20 * MIN}}
+    items.append((SO, None, truncate))
+    views = flow_and_reference(items, tmp_path)
+    assert ("HANDOFF_OVERDUE", ORDER) in views.open_exceptions
+    assert views.flow_stats[SO]["ignored"] == 1
+
+
+def test_another_entity_with_a_broken_header_is_ignored(tmp_path):
+    lead = sf_event("CREATE", "00Q000000000001AAA", T0, 0, "Lead", LastName="x")
+    del lead["payload"]["ChangeEventHeader"]["commitNumber"]
+    lead["payload"]["ChangeEventHeader"]["changeType"] = "CONVERT"
+    views = flow_and_reference([(SF, None, lead)], tmp_path)
+    assert views.dead_letters == set() and views.flow_stats[SF]["ignored"] == 1
+
+
+def test_nulled_fields_apply_without_changed_fields(tmp_path):
+    create = sf_event("CREATE", ORDER, T0, 0, Status="Draft", EffectiveDate="2026-11-02")
+    update = sf_event("UPDATE", ORDER, T0 + MIN, 0, Status="Draft")
+    update["payload"]["ChangeEventHeader"]["changedFields"] = []
+    update["payload"]["ChangeEventHeader"]["nulledFields"] = ["EffectiveDate"]
+    views = flow_and_reference([(SF, ORDER, create), (SF, ORDER, update)], tmp_path)
+    (fields,) = [r.fields for k, r in views.records.items() if k[1] == "Order"]
+    assert fields["EffectiveDate"] is None, json.dumps(fields)
