@@ -21,7 +21,7 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 from kafka.partitioner.default import murmur2
-from sferp.connectors.kafka_records import fetch_pending, queue_fetches
+from sferp.connectors.kafka_records import fetch_pending, queue_fetches, skip_history_batches
 from sferp.connectors.kafka_records import install as install_fast_reader
 
 from sferp.events import RawMessage
@@ -431,8 +431,10 @@ class KafkaSource(FixedPartitionedSource[list[RawMessage], int]):
     `stop_event` ends every partition at its next call, so the dataflow drains,
     snapshots and exits.
 
-    On Tansu, `start="latest"` starts inside the last record batch written
-    before the start (its base offset + 1), so it may re-read that batch's tail.
+    `start="latest"` starts at the reported log end. On Tansu that falls inside
+    the last record batch written before the start (its base offset + 1); the
+    reader drops that batch whole (`kafka_records.skip_history_batches`), so
+    history is not read there either.
     """
 
     def __init__(
@@ -521,6 +523,7 @@ class KafkaSource(FixedPartitionedSource[list[RawMessage], int]):
                 offset = consumer.beginning_offsets([tp], _OFFSETS_TIMEOUT_MS)[tp]
             else:
                 offset = consumer.end_offsets([tp], _OFFSETS_TIMEOUT_MS)[tp]
+                skip_history_batches(consumer, topic, tp.partition, offset)  # Tansu's end
             if self._bounded:
                 end = consumer.end_offsets([tp], _OFFSETS_TIMEOUT_MS)[tp]
             consumer.seek(tp, offset)
@@ -533,8 +536,12 @@ class KafkaSource(FixedPartitionedSource[list[RawMessage], int]):
             consumer.close()
             raise
 
+        latest_start = resume_state is None and self._start != "earliest"
+
         def reopen(at: int) -> KafkaConsumer:
             fresh = self._consumer(tp)
+            if latest_start and at == offset:  # nothing read yet: still after the history
+                skip_history_batches(fresh, topic, tp.partition, offset)
             fresh.seek(tp, at)
             return fresh
 

@@ -34,7 +34,14 @@ from kafka.record.util import calc_crc32c
 
 from sferp.events import RawMessage
 
-__all__ = ["fetch_pending", "fewer_response_copies", "install", "parse_records", "queue_fetches"]
+__all__ = [
+    "fetch_pending",
+    "fewer_response_copies",
+    "install",
+    "parse_records",
+    "queue_fetches",
+    "skip_history_batches",
+]
 
 log = logging.getLogger("sferp.kafka")
 
@@ -51,6 +58,28 @@ _MAGIC_AT = DefaultRecordBase.CRC_OFFSET - 1
 _CRC_FROM = DefaultRecordBase.ATTRIBUTES_OFFSET
 _IN_PLACE_EXCLUDED = DefaultRecordBase.CODEC_MASK | _CONTROL
 _IN_PLACE_NEEDED = ("_next_slice", "_pos", "_cache_next")
+
+
+def skip_history_batches(consumer: Any, topic: str, partition: int, start: int) -> bool:
+    """Have `consumer` read `topic[partition]`, started at its reported log end
+    `start`, from the first record batch that began at or after `start`.
+
+    The embedded broker reports a log end inside the last batch (DESIGN.md: the
+    base offset of the last batch + 1), so the records of that batch from `start`
+    on are history, not new traffic. On Kafka, whose log end is exact, no batch
+    that began before `start` holds a record at or after it, so nothing changes
+    there. False when the consumer does not use this reader.
+    """
+    fetcher = getattr(consumer, "_fetcher", None)
+    records_class = getattr(fetcher, "PartitionRecords", None)
+    if (
+        records_class is None
+        or not issubclass(records_class, _FastPartitionRecords)
+        or records_class is _FastPartitionRecords  # `install` gives each consumer its own
+    ):
+        return False
+    records_class.history_below[(topic, partition)] = start
+    return True
 
 
 def _varint(buf: bytes, pos: int) -> tuple[int, int]:
@@ -133,7 +162,14 @@ def parse_records(
 
 
 class _FastPartitionRecords(Fetcher.PartitionRecords):  # type: ignore[misc]
-    """kafka-python's PartitionRecords, yielding RawMessage from v2 batches."""
+    """kafka-python's PartitionRecords, yielding RawMessage from v2 batches.
+
+    `install` makes a subclass per consumer: its `history_below` holds the
+    consumer's partitions started at `latest` (`skip_history_batches`) until the
+    first batch that began at or after the start arrives.
+    """
+
+    history_below: dict[tuple[str, int], int] = {}
 
     def _unpack_records(  # type: ignore[override]
         self, tp: Any, records: Any, key_deserializer: Any, value_deserializer: Any
@@ -146,6 +182,8 @@ class _FastPartitionRecords(Fetcher.PartitionRecords):  # type: ignore[misc]
         in_place = type(buf) is bytes and all(hasattr(records, n) for n in _IN_PLACE_NEEDED)
         any_txn = self.isolation_level == _READ_UNCOMMITTED
         next_offset = None  # after the last v2 batch read
+        history = self.history_below
+        history_below = history.get((topic, partition)) if history else None
         while True:
             view = records._next_slice if in_place else None
             if view is not None and len(view) > _HEADER.size and view[_MAGIC_AT] == 2:
@@ -159,6 +197,13 @@ class _FastPartitionRecords(Fetcher.PartitionRecords):  # type: ignore[misc]
                             f"record batch of {tp} at offset {head[0]} failed its CRC check"
                         )
                     self.leader_epoch = head[2]
+                    next_offset = head[0] + head[6] + 1
+                    if history_below is not None:
+                        if head[0] < history_below:  # the batch holding the start: history
+                            self.next_fetch_offset = next_offset
+                            continue
+                        history.pop((topic, partition), None)
+                        history_below = None
                     log_append = bool(head[5] & _LOG_APPEND_TIME)
                     msgs = parse_records(
                         buf,  # type: ignore[arg-type]
@@ -176,7 +221,6 @@ class _FastPartitionRecords(Fetcher.PartitionRecords):  # type: ignore[misc]
                     for m in msgs:
                         self.next_fetch_offset = m.offset + 1
                         yield m
-                    next_offset = head[0] + head[6] + 1
                     continue
             batch = records.next_batch()
             if batch is None:
@@ -193,6 +237,12 @@ class _FastPartitionRecords(Fetcher.PartitionRecords):  # type: ignore[misc]
                 continue
             next_offset = batch.next_offset
             self.leader_epoch = batch.leader_epoch
+            if history_below is not None:
+                if batch.base_offset < history_below:  # as above
+                    self.next_fetch_offset = batch.next_offset
+                    continue
+                history.pop((topic, partition), None)
+                history_below = None
             attributes = batch.attributes
             if not any_txn and batch.has_producer_id():
                 self._consume_aborted_transactions_up_to(batch.last_offset)
@@ -236,7 +286,10 @@ def install(consumer: Any) -> bool:
     if base is not Fetcher.PartitionRecords or not all(hasattr(base, n) for n in _NEEDED):
         log.debug("kafka: consumer internals differ; using kafka-python's record reader")
         return False
-    fetcher.PartitionRecords = _FastPartitionRecords
+    # A subclass per consumer: the partitions to start after their history are its own.
+    fetcher.PartitionRecords = type(
+        "_ConsumerPartitionRecords", (_FastPartitionRecords,), {"history_below": {}}
+    )
     fewer_response_copies()
     return True
 

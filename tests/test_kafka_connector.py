@@ -260,6 +260,29 @@ def test_start_latest_skips_history(broker, topics):
     assert flatten(run_source(bounded)) == []
 
 
+def test_start_latest_skips_history_sent_in_one_batch(broker, topics):
+    """The embedded broker reports the end of a partition inside its last record
+    batch (DESIGN.md); the records of that batch are history all the same."""
+    topic = topics({"latest": 1})["latest"]
+    old = produce(broker.bootstrap, topic, [(0, None, b"old-%d" % i) for i in range(50)],
+                  linger_ms=200)  # fmt: skip
+    assert max(off for _, off in old) == 49
+    source = KafkaSource(broker.bootstrap, [topic], start="latest")
+    part = source.build_part("s", f"{topic}#0", None)
+    produce_one_by_one(broker.bootstrap, topic, 0, [b"new-1", b"new-2"])
+    got = poll_until(part, 2)
+    part.close()
+    assert [(m.offset, m.value) for m in got] == [(50, b"new-1"), (51, b"new-2")]
+    produce(broker.bootstrap, topic, [(0, None, b"more-%d" % i) for i in range(30)], linger_ms=200)
+    bounded = KafkaSource(broker.bootstrap, [topic], start="latest", bounded=True)
+    assert flatten(run_source(bounded)) == []
+    # A resumed partition reads on from its offset, inside a batch too.
+    resumed = KafkaSource(broker.bootstrap, [topic], bounded=True).build_part("s", f"{topic}#0", 60)
+    rest = poll_until(resumed, 22)
+    resumed.close()
+    assert [m.value for m in rest] == [b"more-%d" % i for i in range(8, 30)]
+
+
 def test_missing_topic_is_a_clear_error(broker, topics):
     existing = topics({"here": 1})["here"]
     source = KafkaSource(broker.bootstrap, [existing, "no.such.topic"])
