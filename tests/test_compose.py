@@ -167,6 +167,28 @@ def test_grafana_is_provisioned_from_the_monitoring_folder(compose):
     assert "http://prometheus:9090" in urls
 
 
+def test_alertmanager_gets_the_routing_and_prometheus_reaches_it(compose):
+    am = compose["services"]["alertmanager"]
+    m = mounts(am)
+    assert m["/etc/alertmanager/alertmanager.yml"] == "./monitoring/alertmanager/alertmanager.yml"
+    assert "--config.file=/etc/alertmanager/alertmanager.yml" in am["command"]
+    assert published(am) == {9093}
+    routing = yaml.safe_load((ROOT / "monitoring/alertmanager/alertmanager.yml").read_text())
+    secrets = m["/etc/alertmanager/secrets"]
+    for receiver in routing["receivers"]:
+        for hook in receiver["webhook_configs"]:
+            token = hook["http_config"]["authorization"]["credentials_file"]
+            assert token.startswith("/etc/alertmanager/secrets/"), receiver["name"]
+    # the mounted secrets folder exists and keeps its files out of the repository
+    ignore = (ROOT / secrets.removeprefix("./") / ".gitignore").read_text().split()
+    assert "*" in ignore
+    prom = yaml.safe_load((ROOT / mounts(compose["services"]["prometheus"])[
+        "/etc/prometheus/prometheus.yml"]).read_text())  # fmt: skip
+    targets = [t for a in prom["alerting"]["alertmanagers"] for sc in a["static_configs"]
+               for t in sc["targets"]]  # fmt: skip
+    assert targets == ["alertmanager:9093"]
+
+
 def test_dockerfile_runs_sferp_and_exposes_the_ports(compose):
     text = (ROOT / "Dockerfile").read_text()
     assert re.search(r'^ENTRYPOINT \["sferp"\]', text, re.M)

@@ -368,11 +368,7 @@ def test_every_metric_of_the_dashboard_and_the_alerts_is_exported(live):
 
 
 def test_alert_rules_with_promtool():
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        if os.environ.get("CI"):
-            pytest.fail("promtool is missing in CI: .ci/run installs the Debian package prometheus")
-        pytest.skip("promtool not installed (apt-get install prometheus); CI always runs this")
+    promtool = _tool("promtool", "prometheus")
     prom = MONITORING / "prometheus"
     for args in (["check", "rules", "alerts.yml"], ["test", "rules", "alerts_test.yml"]):
         r = subprocess.run([promtool, *args], cwd=prom, capture_output=True, text=True)
@@ -381,6 +377,47 @@ def test_alert_rules_with_promtool():
         [promtool, "check", "config", "prometheus.yml"], cwd=prom, capture_output=True, text=True
     )
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _tool(name: str, package: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is missing in CI: .ci/run installs the Debian package {package}")
+        pytest.skip(f"{name} not installed (apt-get install {package}); CI always runs this")
+    return path
+
+
+def test_alertmanager_routes_every_alert_to_its_team():
+    """Critical alerts page the team their `team` label names, warnings open a ticket,
+    and a critical business alert also reaches the integration team."""
+    amtool = _tool("amtool", "prometheus-alertmanager")
+    config = MONITORING / "alertmanager" / "alertmanager.yml"
+    r = subprocess.run([amtool, "check-config", str(config)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    doc = yaml.safe_load((MONITORING / "prometheus" / "alerts.yml").read_text())
+    rules = [rule for group in doc["groups"] for rule in group["rules"]]
+    assert {rule["labels"]["team"] for rule in rules} == {"integration", "order-operations"}
+    for rule in rules:
+        labels = rule["labels"]
+        r = subprocess.run(
+            [amtool, "config", "routes", "test", f"--config.file={config}"]
+            + [f"{k}={v}" for k, v in sorted(labels.items())]
+            + [f"alertname={rule['alert']}"],
+            capture_output=True,
+            text=True,
+        )
+        assert r.returncode == 0, r.stdout + r.stderr
+        urgency = "page" if labels["severity"] == "critical" else "ticket"
+        expected = [f"{labels['team']}-{urgency}"]
+        if labels["severity"] == "critical" and labels["team"] != "integration":
+            expected.append("integration-ticket")
+        assert r.stdout.strip().split(",") == expected, rule["alert"]
+    for prometheus_yml in (MONITORING / "prometheus", ROOT / "deploy" / "prometheus"):
+        prom = yaml.safe_load((prometheus_yml / "prometheus.yml").read_text())
+        targets = [t for am in prom["alerting"]["alertmanagers"] for sc in am["static_configs"]
+                   for t in sc["targets"]]  # fmt: skip
+        assert targets == ["alertmanager:9093"]
 
 
 def test_alerts_are_labelled_technical_or_business():
