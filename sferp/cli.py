@@ -50,6 +50,10 @@ def run_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Commands that create files with the flow's data (README "Security").
+PRIVATE_FILES = frozenset({"run", "demo", "forget", "rekey"})
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the `sferp` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -60,6 +64,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(USAGE)
         raise SystemExit(0)
     cmd, rest = args[0], args[1:]
+    if cmd in PRIVATE_FILES:
+        # The views, recovery snapshots, extract state and audit log hold customer
+        # data: what these commands create is readable by the service's user only.
+        os.umask(0o077)
     try:
         code = _dispatch(cmd, rest)
     except ConfigError as e:

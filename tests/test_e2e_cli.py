@@ -298,3 +298,30 @@ def test_a_live_flow_whose_input_ends_emits_the_records_still_waiting(broker, wo
     views = load_views(views_path)
     assert views.order_status and views.dead_letters
     assert_outputs_agree(broker, names, views)
+
+
+def test_files_with_the_flows_data_are_private(broker, world, tmp_path):
+    """Views, recovery store and their folders are readable by the service's user only,
+    whatever the umask sferp was started with."""
+    names, config = world
+    produce(gen_config(names, 40, seed=3), broker.bootstrap, create_topics=False)
+    data = tmp_path / "data"
+    r = sferp(
+        "run",
+        "--config",
+        str(config),
+        "--bootstrap",
+        broker.bootstrap,
+        "--views",
+        str(data / "views.duckdb"),
+        "--recovery-dir",
+        str(data / "recovery"),
+        "--until-caught-up",
+        preexec_fn=lambda: os.umask(0o022),
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    paths = [data, *data.rglob("*")]
+    assert len(paths) > 3
+    for path in paths:
+        mode = path.stat().st_mode & 0o777
+        assert mode & 0o077 == 0, f"{path}: {oct(mode)}"
