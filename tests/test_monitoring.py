@@ -210,6 +210,13 @@ def live(broker, tmp_path_factory):
             "SELECT kind, count(*) AS n FROM reconciliation_exceptions WHERE open GROUP BY kind",
         )
         out["stages"] = query(views, "SELECT stage, count(*) AS n FROM order_status GROUP BY 1")
+        out["orders"] = query(
+            views, "SELECT sf_order_id, sf_status, erp_order_no, amount_matches FROM order_status"
+        )
+        out["overdue"] = query(
+            views,
+            "SELECT key FROM reconciliation_exceptions WHERE open AND kind = 'HANDOFF_OVERDUE'",
+        )
         proc.send_signal(signal.SIGTERM)
         _, out["stderr"] = proc.communicate(timeout=60)
         out["returncode"] = proc.returncode
@@ -269,6 +276,27 @@ def test_scrapes_agree_with_what_was_produced_and_with_flow_stats(live):
     stages = by(after, "sferp_orders", "stage")
     assert {s: n for s, n in stages.items() if n} == {r["stage"]: r["n"] for r in live["stages"]}
     assert total(after, "sferp_quote_to_cash_seconds_count") == live["counts"]["q2c"] > 0
+
+
+def test_order_gauges_of_the_business_alerts_equal_the_views(live):
+    """The numbers behind SferpSyncFailureHigh and SferpQuoteAccuracyLow, counted here
+    from the order_status rows themselves."""
+    after = live["after"]
+    orders = live["orders"]
+    overdue = {r["key"] for r in live["overdue"]}
+    activated = [o for o in orders if o["sf_status"] == "Activated"]
+    out_of_sync = [
+        o for o in activated if o["amount_matches"] is False or o["sf_order_id"] in overdue
+    ]
+    linked: dict[str, int] = {}
+    for o in orders:
+        if o["erp_order_no"] is not None:
+            key = {True: "true", False: "false", None: "unknown"}[o["amount_matches"]]
+            linked[key] = linked.get(key, 0) + 1
+    assert activated and out_of_sync and linked.get("false")  # the world has all three
+    assert total(after, "sferp_orders_activated") == len(activated)
+    assert total(after, "sferp_orders_out_of_sync") == len(out_of_sync)
+    assert by(after, "sferp_orders_linked", "amount_matches") == linked
 
 
 def test_lag_commit_latency_and_readiness(live):
