@@ -15,15 +15,19 @@ Exported (README "Metrics"):
 - `sferp_salesforce_request_seconds{op}`: histogram of call durations;
 - `sferp_salesforce_breaker_open`: 1 while the circuit breaker is open or half-open;
 - `sferp_salesforce_api_usage_ratio`: daily API calls used / allowed, as last reported;
-- `sferp_salesforce_api_reserve_reached`: 1 while calls wait for the reserve to free up.
+- `sferp_salesforce_api_reserve_reached`: 1 while calls wait for the reserve to free up;
+- with the write-back on (`connectors/sf_writeback.py`, registered by `register_writeback`):
+  `sferp_salesforce_writeback_written_total`, `sferp_salesforce_writeback_failed_total{code}`
+  (records given up, each also a dead letter) and `sferp_salesforce_writeback_pending`.
 """
 
 from __future__ import annotations
 
 import bisect
 import threading
+import weakref
 from collections.abc import Callable, Iterable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -80,12 +84,30 @@ def register(read_gate: Callable[[], GateReading]) -> ApiStats:
     return stats
 
 
-def families(registered: list[ApiStats] | None = None) -> Iterable[Metric]:
-    """The metric families of every registered org client (or of `registered`), summed;
-    none when there is no client."""
+_WRITEBACKS: list[weakref.ref] = []
+
+
+def register_writeback(writeback: Any) -> None:
+    """Export a write-back sender while it exists: its `written` count, its `failed`
+    counts by error code and the size of its `pending` queue."""
+    with _REGISTRY_LOCK:
+        _WRITEBACKS[:] = [r for r in _WRITEBACKS if r() is not None]
+        _WRITEBACKS.append(weakref.ref(writeback))
+
+
+def families(
+    registered: list[ApiStats] | None = None, writebacks: list[Any] | None = None
+) -> Iterable[Metric]:
+    """The metric families of every registered org client and write-back sender (or of
+    the ones given), summed; none when there is neither."""
     if registered is None:
         with _REGISTRY_LOCK:
             registered = list(_REGISTRY)
+    if writebacks is None:
+        with _REGISTRY_LOCK:
+            writebacks = [wb for wb in (r() for r in _WRITEBACKS) if wb is not None]
+    if writebacks:
+        yield from _writeback_families(writebacks)
     if not registered:
         return
     buckets: dict[str, list[int]] = {}
@@ -146,4 +168,29 @@ def families(registered: list[ApiStats] | None = None) -> Iterable[Metric]:
         "sferp_salesforce_api_reserve_reached",
         "1 while calls wait because the org's usage reached salesforce.api_reserve_fraction.",
         value=int(any(r.reserve_reached for r in readings)),
+    )
+
+
+def _writeback_families(writebacks: list[Any]) -> Iterable[Metric]:
+    failed: dict[str, int] = {}
+    for wb in writebacks:
+        for code, n in list(wb.failed.items()):
+            failed[code] = failed.get(code, 0) + n
+    yield CounterMetricFamily(
+        "sferp_salesforce_writeback_written",
+        "Records the write-back wrote to Salesforce (acknowledged or found already right).",
+        value=sum(wb.written for wb in writebacks),
+    )
+    gave_up = CounterMetricFamily(
+        "sferp_salesforce_writeback_failed",
+        "Records the write-back gave up on, by error code (each also went to integration.dlq).",
+        labels=["code"],
+    )
+    for code, n in sorted(failed.items()):
+        gave_up.add_metric([code], n)
+    yield gave_up
+    yield GaugeMetricFamily(
+        "sferp_salesforce_writeback_pending",
+        "Records waiting to be written back to Salesforce.",
+        value=sum(len(wb.pending) for wb in writebacks),
     )

@@ -46,6 +46,7 @@ from typing import Any, NamedTuple
 
 import orjson
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
+from sferp.connectors import sf_stats
 from sferp.connectors.sf_client import ApiConfig, Backoff, CallError, NotReady, SalesforceApi
 from sferp.operators.sf_images import parse_datetime_ms, valid_id
 
@@ -150,6 +151,8 @@ class Writeback:
         self.in_flight: set[Key] = set()
         self.written = 0
         self.dead = 0
+        self.failed: dict[str, int] = {}  # records given up, by error code
+        sf_stats.register_writeback(self)
 
     # -- input (dataflow thread) ----------------------------------------------------------
 
@@ -389,6 +392,7 @@ class Writeback:
                 self.attempts.pop(key, None)
                 self.due.pop(key, None)
             self.dead += 1
+            self.failed[code] = self.failed.get(code, 0) + 1
         sobject, rid = key
         now_ms = int(time.time() * 1000)
         raw = orjson.dumps({"sobject": sobject, "id": rid, "fields": fields, "message": message})

@@ -367,7 +367,8 @@ def test_every_metric_of_the_dashboard_and_the_alerts_is_exported(live):
     # (tests/salesforce/test_sf_metrics.py scrapes them from real calls).
     stats = sf_stats.ApiStats(lambda: sf_stats.GateReading(False, 0.5, False))
     stats.record("query", 0.1, "TIMEOUT")
-    for fam in sf_stats.families([stats]):
+    writeback = type("W", (), {"written": 1, "failed": {"UNSENT": 1}, "pending": {}})()
+    for fam in sf_stats.families([stats], [writeback]):
         for sample in fam.samples:
             exported.add(sample.name)
             labels[sample.name].update(sample.labels)

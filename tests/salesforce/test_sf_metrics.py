@@ -10,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sf_fake import Fault, api_cfg
 from sferp.connectors import sf_client, sf_stats
 from sferp.connectors.sf_client import CallError, SalesforceApi
+from sferp.connectors.sf_writeback import Writeback, WritebackFields, WritebackInput
 
 from sferp.config import load_settings
 from sferp.metrics import Monitor
@@ -21,6 +22,7 @@ SOQL = "SELECT Id, SystemModstamp, IsDeleted, Status FROM Order ORDER BY SystemM
 def isolated(monkeypatch):
     """No org client of an earlier test in the metrics (they are per process)."""
     monkeypatch.setattr(sf_stats, "_REGISTRY", [])
+    monkeypatch.setattr(sf_stats, "_WRITEBACKS", [])
     monkeypatch.setattr(sf_client, "_GATES", {})
 
 
@@ -96,3 +98,25 @@ def test_breaker_and_reserve_gauges_follow_the_client(fake_sf, isolated):
     s = scrape()
     assert s[("sferp_salesforce_api_reserve_reached", ())] == 1
     assert s[("sferp_salesforce_api_usage_ratio", ())] == pytest.approx(0.86)
+
+
+def test_writeback_outcomes_and_queue(fake_sf, isolated):
+    """Written and given-up records (by code) and the queue, as the sender counts them."""
+    org = fake_sf.org
+    ids = [f"8010000000{i:05d}AAA" for i in range(3)]
+    for rid in ids:
+        org.put("Order", rid, {"Status": "Activated"}, 1_795_000_000_000)
+    org.rejects[ids[2]] = "FIELD_CUSTOM_VALIDATION_EXCEPTION"
+    dead: list = []
+    wb = Writeback(SalesforceApi(api_cfg(fake_sf)), WritebackFields(), lambda k, v: dead.append(k))
+    rows = [(rid, (f"SO-{i}", "OPEN", None)) for i, rid in enumerate(ids)]
+    wb.add(WritebackInput(rows, [], []))
+    assert scrape()[("sferp_salesforce_writeback_pending", ())] == 3
+    while wb.work_left():
+        wb.step(wait_s=0.01)
+    s = scrape()
+    assert s[("sferp_salesforce_writeback_written_total", ())] == 2
+    code = (("code", "FIELD_CUSTOM_VALIDATION_EXCEPTION"),)
+    assert s[("sferp_salesforce_writeback_failed_total", code)] == 1 == len(dead)
+    assert s[("sferp_salesforce_writeback_pending", ())] == 0
+    assert s[("sferp_salesforce_requests_total", (("op", "update_collection"),))] >= 1
