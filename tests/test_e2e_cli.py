@@ -66,18 +66,14 @@ def sferp(*args, timeout=300, **kw):
     )
 
 
+def sferp_run(broker, config, views_path, *extra, **kw):
+    """`sferp run` with a config file against the test broker; the finished process."""
+    args = ("--config", str(config), "--bootstrap", broker.bootstrap, "--views", str(views_path))
+    return sferp("run", *args, *extra, **kw)
+
+
 def run_until_caught_up(broker, config, views_path, *extra):
-    r = sferp(
-        "run",
-        "--config",
-        str(config),
-        "--bootstrap",
-        broker.bootstrap,
-        "--views",
-        str(views_path),
-        "--until-caught-up",
-        *extra,
-    )
+    r = sferp_run(broker, config, views_path, "--until-caught-up", *extra)
     assert r.returncode == 0, r.stderr[-3000:]
 
 
@@ -161,17 +157,7 @@ def test_missing_topic_is_one_clear_line_and_exit_1(broker, tmp_path):
     missing = {role: f"no.such.{role}.{os.getpid()}" for role in ROLES}
     config.write_text("[topics]\n" + "".join(f'{r} = "{t}"\n' for r, t in missing.items()))
     for extra in ((), ("--until-caught-up",)):
-        proc = sferp(
-            "run",
-            "--config",
-            str(config),
-            "--bootstrap",
-            broker.bootstrap,
-            "--views",
-            str(tmp_path / "v.duckdb"),
-            *extra,
-            timeout=120,
-        )
+        proc = sferp_run(broker, config, tmp_path / "v.duckdb", *extra, timeout=120)
         assert proc.returncode == 1, extra
         lines = [x for x in proc.stderr.splitlines() if x.startswith("sferp")]
         assert len(lines) == 1 and "no.such.sf_cdc" in lines[0], proc.stderr[-2000:]
@@ -194,17 +180,7 @@ def test_bounded_run_reads_the_topics_that_exist(broker, topics, tmp_path):
     config = tmp_path / "sferp.toml"
     config.write_text("[topics]\n" + "".join(f'{r} = "{names[r]}"\n' for r in ROLES))
     views_path = tmp_path / "v.duckdb"
-    proc = sferp(
-        "run",
-        "--config",
-        str(config),
-        "--bootstrap",
-        broker.bootstrap,
-        "--views",
-        str(views_path),
-        "--until-caught-up",
-        timeout=300,
-    )
+    proc = sferp_run(broker, config, views_path, "--until-caught-up")
     assert proc.returncode == 0, proc.stderr[-3000:]
     for role in ROLES[1:]:
         assert f"topic '{names[role]}' does not exist" in proc.stderr
@@ -306,14 +282,10 @@ def test_files_with_the_flows_data_are_private(broker, world, tmp_path):
     names, config = world
     produce(gen_config(names, 40, seed=3), broker.bootstrap, create_topics=False)
     data = tmp_path / "data"
-    r = sferp(
-        "run",
-        "--config",
-        str(config),
-        "--bootstrap",
-        broker.bootstrap,
-        "--views",
-        str(data / "views.duckdb"),
+    r = sferp_run(
+        broker,
+        config,
+        data / "views.duckdb",
         "--recovery-dir",
         str(data / "recovery"),
         "--until-caught-up",
