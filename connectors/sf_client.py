@@ -793,6 +793,12 @@ def preflight(settings: Settings) -> None:
     line naming the setting, exit 2); an unreachable server is a RuntimeError.
     """
     cfg = api_config(settings)
+    if cfg.auth == "password":
+        log.warning(
+            "salesforce: auth = password logs in with the user's password%s; prefer jwt or "
+            "client_credentials (OAuth 2.0 with a connected app) in production",
+            "" if cfg.consumer_key else " through SOAP login()",
+        )
     api = SalesforceApi(cfg)
     try:
         if cfg.auth == "session":

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import pytest
 from sf_fake import Fault, api_cfg
-from sferp.connectors.sf_client import CallError, NotReady, Pacer, SalesforceApi, api_config
+from sferp.connectors.sf_client import (
+    CallError,
+    NotReady,
+    Pacer,
+    SalesforceApi,
+    api_config,
+    preflight,
+)
 
 from sferp.config import ConfigError, load_settings
 
@@ -270,3 +278,23 @@ def test_settings_are_validated_with_the_setting_named(tmp_path):
         cfg(**base, auth="session")
     with pytest.raises(ConfigError, match=r"salesforce\.poll_objects: cannot poll Opportunity"):
         cfg(**base, auth="session", session_id="x", poll_objects="Order,Opportunity")
+
+
+def test_password_login_is_warned_about_and_the_password_never_logged(fake_sf, caplog):
+    org = fake_sf.org
+    settings = load_settings(
+        overrides={
+            "salesforce": {
+                "instance_url": fake_sf.url,
+                "auth": "password",
+                "username": org.username,
+                "ca_bundle": str(fake_sf.ca),
+            }
+        },
+        environ={"SFERP_SALESFORCE__PASSWORD": "pw-1", "SFERP_SALESFORCE__SECURITY_TOKEN": "tok-1"},
+    )
+    with caplog.at_level(logging.INFO, logger="sferp.salesforce"):
+        preflight(settings)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("auth = password" in w and "SOAP" in w for w in warnings), warnings
+    assert "pw-1" not in caplog.text and "tok-1" not in caplog.text
