@@ -36,6 +36,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
+from sferp.connectors import sf_stats
 from sferp.connectors.sf_client import ApiConfig, Backoff, CallError, NotReady, SalesforceApi
 from sferp.operators.sf_images import (
     POLL_PARTITIONS,
@@ -125,6 +126,7 @@ class _PollPartition(StatefulSourcePartition[list[Change], dict]):
         self.awake = datetime.now(UTC) + timedelta(seconds=seconds)
 
     def _end_cycle(self) -> None:
+        sf_stats.polled(self.entity, time.time())
         self.in_cycle = False
         self.next_url = None
         self.cycles += 1

@@ -16,6 +16,8 @@ Exported (README "Metrics"):
 - `sferp_salesforce_breaker_open`: 1 while the circuit breaker is open or half-open;
 - `sferp_salesforce_api_usage_ratio`: daily API calls used / allowed, as last reported;
 - `sferp_salesforce_api_reserve_reached`: 1 while calls wait for the reserve to free up;
+- `sferp_salesforce_last_poll_timestamp_seconds{object}`: when a poll cycle of the
+  object last completed (`polled`), with `poll_objects` set;
 - with the write-back on (`connectors/sf_writeback.py`, registered by `register_writeback`):
   `sferp_salesforce_writeback_written_total`, `sferp_salesforce_writeback_failed_total{code}`
   (records given up, each also a dead letter) and `sferp_salesforce_writeback_pending`.
@@ -85,6 +87,12 @@ def register(read_gate: Callable[[], GateReading]) -> ApiStats:
 
 
 _WRITEBACKS: list[weakref.ref] = []
+_LAST_POLL: dict[str, float] = {}  # polled object -> Unix time its last cycle completed
+
+
+def polled(sobject: str, unix_s: float) -> None:
+    """A poll cycle of `sobject` completed (every record changed since the cursor read)."""
+    _LAST_POLL[sobject] = unix_s
 
 
 def register_writeback(writeback: Any) -> None:
@@ -152,6 +160,15 @@ def families(
     yield requests
     yield failed
     yield seconds
+    if _LAST_POLL:
+        last = GaugeMetricFamily(
+            "sferp_salesforce_last_poll_timestamp_seconds",
+            "When a poll cycle of the object last completed (Unix seconds).",
+            labels=["object"],
+        )
+        for sobject, at in sorted(_LAST_POLL.items()):
+            last.add_metric([sobject], at)
+        yield last
     yield GaugeMetricFamily(
         "sferp_salesforce_breaker_open",
         "1 while the Salesforce circuit breaker is open or half-open (calls held back).",

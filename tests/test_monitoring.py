@@ -358,7 +358,7 @@ def dashboard_exprs() -> list[str]:
     return [t["expr"] for p in doc["panels"] for t in p.get("targets", [])]
 
 
-def test_every_metric_of_the_dashboard_and_the_alerts_is_exported(live):
+def test_every_metric_of_the_dashboard_and_the_alerts_is_exported(live, monkeypatch):
     exported = {k[0] for k in live["after"]}
     labels: dict[str, set[str]] = defaultdict(set)
     for name, lbls in live["after"]:
@@ -368,6 +368,7 @@ def test_every_metric_of_the_dashboard_and_the_alerts_is_exported(live):
     stats = sf_stats.ApiStats(lambda: sf_stats.GateReading(False, 0.5, False))
     stats.record("query", 0.1, "TIMEOUT")
     writeback = type("W", (), {"written": 1, "failed": {"UNSENT": 1}, "pending": {}})()
+    monkeypatch.setattr(sf_stats, "_LAST_POLL", {"Order": 1.0})
     for fam in sf_stats.families([stats], [writeback]):
         for sample in fam.samples:
             exported.add(sample.name)

@@ -120,3 +120,18 @@ def test_writeback_outcomes_and_queue(fake_sf, isolated):
     assert s[("sferp_salesforce_writeback_failed_total", code)] == 1 == len(dead)
     assert s[("sferp_salesforce_writeback_pending", ())] == 0
     assert s[("sferp_salesforce_requests_total", (("op", "update_collection"),))] >= 1
+
+
+def test_a_completed_poll_cycle_is_timestamped_per_object(fake_sf, isolated, monkeypatch):
+    from sferp.connectors.salesforce import SalesforcePollSource
+
+    monkeypatch.setattr(sf_stats, "_LAST_POLL", {})
+    fake_sf.org.put("Order", "801000000000001AAA", {"Status": "Draft"}, 1_795_000_000_000)
+    src = SalesforcePollSource(api_cfg(fake_sf), ["Order"], bounded=True, retry_base_s=0.01)
+    part = src.build_part("sf_poll", "Order", None)
+    before = time.time()
+    with pytest.raises(StopIteration):
+        for _ in range(100):
+            part.next_batch()
+    key = ("sferp_salesforce_last_poll_timestamp_seconds", (("object", "Order"),))
+    assert before <= scrape()[key] <= time.time()
