@@ -127,6 +127,34 @@ def test_cli_bad_config_exits_2_with_one_line(tmp_path):
     assert len(lines) == 1 and "flow.unknown_knob" in lines[0]
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["no-such-command"],
+        ["query"],
+        ["query", "SELECT 1", "--format", "xml"],
+        ["demo", "--orders", "many"],
+        ["forget"],
+        ["decrypt"],
+        ["rekey", "--bogus"],
+        ["run", "--bogus"],
+        ["broker", "--port", "x"],
+        ["generate"],
+        ["plan"],
+        ["bench", "--bogus"],
+    ],
+)
+def test_every_usage_error_is_one_line_and_exit_2(argv):
+    """CONTRACT §4: exit 2 for bad usage, with a one-line message naming the problem."""
+    r = subprocess.run(
+        [sys.executable, "-m", "sferp", *argv], capture_output=True, text=True, timeout=60
+    )
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1, (argv, r.stderr)
+    assert lines[0].startswith("sferp") and "usage:" not in lines[0], lines[0]
+
+
 def test_cli_usage_errors_exit_2():
     r = subprocess.run(
         [sys.executable, "-m", "sferp", "run", "-i", "0"],
