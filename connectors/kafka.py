@@ -181,9 +181,9 @@ def list_partitions(
 ) -> list[tuple[str, int]]:
     """Every `(topic, partition)` of the topics.
 
-    A missing topic raises KafkaConnectorError, unless `missing_ok` (a bounded
-    run: a topic that does not exist has nothing to read up to), where it has no
-    partitions (with a warning when `warn`); all of them missing is an error still.
+    A missing topic raises KafkaConnectorError, unless `missing_ok`: then it has
+    no partitions (with a warning when `warn`); all of them missing is an error
+    still.
     """
     topics = list(topics)
 
@@ -198,11 +198,22 @@ def list_partitions(
         for topic in topics:
             if topic not in present:
                 log.warning(
-                    "topic %r does not exist on Kafka at %s: nothing to read from it",
+                    "topic %r does not exist on Kafka at %s: this run does not read it "
+                    "(start sferp again once it exists)",
                     topic,
                     bootstrap,
                 )
     return found
+
+
+# Input topics of this process's Kafka source that did not exist when it listed its
+# partitions (KafkaSource.list_parts): read by nobody until sferp restarts.
+_UNREAD_TOPICS: set[str] = set()
+
+
+def unread_topics() -> frozenset[str]:
+    """The configured input topics the running flow does not read (they did not exist)."""
+    return frozenset(_UNREAD_TOPICS)
 
 
 def end_offsets(
@@ -498,11 +509,16 @@ class KafkaSource(FixedPartitionedSource[list[RawMessage], int]):
         self._linger_ms = 0 if bounded else linger_ms
 
     def list_parts(self) -> list[str]:
-        """Every partition of every topic; a missing topic is an error, except in a
-        bounded run (nothing to read from it; a live run could never pick it up later)."""
-        found = list_partitions(
-            self._bootstrap, self._topics, self._client_config, missing_ok=self._bounded
-        )
+        """Every partition of every topic that exists (none of them existing is an error).
+
+        A missing topic has no partitions: a bounded run has nothing to read from it;
+        a live run fixes its partitions now, so it is recorded (`unread_topics`) and
+        the process reports not ready until a restart reads it.
+        """
+        found = list_partitions(self._bootstrap, self._topics, self._client_config, missing_ok=True)
+        present = {topic for topic, _ in found}
+        _UNREAD_TOPICS.clear()
+        _UNREAD_TOPICS.update(t for t in self._topics if t not in present)
         return [f"{topic}{_PART_SEP}{part}" for topic, part in found]
 
     def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> _KafkaPartition:

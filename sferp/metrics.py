@@ -64,7 +64,7 @@ from prometheus_client.registry import Collector
 from sferp.config import Settings
 from sferp.connectors import sf_stats
 from sferp.connectors.duckdb_schema import TABLES
-from sferp.connectors.kafka import end_offsets, read_positions
+from sferp.connectors.kafka import end_offsets, read_positions, unread_topics
 from sferp.connectors.query_server import TOKEN_HEADER, endpoint_path
 from sferp.events import RawMessage
 from sferp.operators.facts import GLOBAL_IN, TICK
@@ -484,6 +484,12 @@ class Monitor:
         """(ready, reason): caught up within `metrics.ready_max_lag` messages everywhere."""
         if self._stop.is_set():
             return False, "stopping"
+        unread = unread_topics()
+        if unread and not self.bounded:
+            return False, (
+                f"input topic(s) {', '.join(sorted(unread))} did not exist at start: "
+                "not read until sferp restarts"
+            )
         pos = self._own_positions()
         uptime = time.monotonic() - self._started
         if not pos and (self.process_id is None or uptime < 2 * self.interval):

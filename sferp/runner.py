@@ -149,7 +149,7 @@ def run_flow(settings: Settings, opts: RunOptions) -> int:
             settings.kafka.bootstrap,
             list(settings.topics.input_roles()),
             settings.kafka_client_config(),
-            missing_ok=opts.bounded,
+            missing_ok=True,  # unless none exists (CONTRACT §4 reading: README "Command line")
             warn=True,
         )
         if settings.salesforce.instance_url:  # README "Connecting to Salesforce"

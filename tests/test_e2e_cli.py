@@ -151,8 +151,7 @@ def _wait_for(predicate, timeout=60.0, every=0.3):
 
 
 def test_missing_topic_is_one_clear_line_and_exit_1(broker, tmp_path):
-    """A live run cannot pick a topic up later, and a run with no input topic at all
-    is a mistake: both stop with one line."""
+    """A run with no input topic at all is a mistake, live or bounded: one line, exit 1."""
     config = tmp_path / "sferp.toml"
     missing = {role: f"no.such.{role}.{os.getpid()}" for role in ROLES}
     config.write_text("[topics]\n" + "".join(f'{r} = "{t}"\n' for r, t in missing.items()))
@@ -274,6 +273,64 @@ def test_a_live_flow_whose_input_ends_emits_the_records_still_waiting(broker, wo
     views = load_views(views_path)
     assert views.order_status and views.dead_letters
     assert_outputs_agree(broker, names, views)
+
+
+def test_a_live_run_reads_the_topics_that_exist_and_says_it_is_not_ready(broker, topics, tmp_path):
+    """A topic created after the start is read only after a restart: until then the
+    process stays not ready (/readyz, SferpNotReady), and it serves what exists."""
+    from clusterkit import free_port
+
+    names = topics({"sf_cdc": 3}) | {r: f"no.such.{r}.{os.getpid()}" for r in ROLES[1:]}
+    sf_only = [m for m in generated_messages(gen_config(names, 40, seed=8))
+               if m.topic == names["sf_cdc"]]  # fmt: skip
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap)
+    for m in sf_only:
+        producer.send(m.topic, key=m.key, value=m.value, partition=m.partition)
+    producer.flush()
+    producer.close()
+    port = free_port()
+    config = tmp_path / "sferp.toml"
+    config.write_text(
+        "[topics]\n"
+        + "".join(f'{r} = "{names[r]}"\n' for r in ROLES)
+        + f"[metrics]\nport = {port}\n"
+    )
+    views_path = tmp_path / "views.duckdb"
+    args = ("--config", str(config), "--bootstrap", broker.bootstrap, "--views", str(views_path))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sferp", "run", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        query = "SELECT consumed FROM flow_stats WHERE topic = '" + names["sf_cdc"] + "'"
+
+        def consumed():
+            r = sferp("query", query, "--views", str(views_path), "--format", "json", timeout=30)
+            return (
+                r.returncode == 0 and json.loads(r.stdout) and json.loads(r.stdout)[0]["consumed"]
+            )
+
+        assert _wait_for(lambda: consumed() == len(sf_only))
+        import urllib.error
+        import urllib.request
+
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5)
+        reason = answer.value.read().decode()
+        assert answer.value.code == 503 and "not read until sferp restarts" in reason
+        assert all(names[r] in reason for r in ROLES[1:]), reason
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    for role in ROLES[1:]:
+        assert f"topic '{names[role]}' does not exist" in err
 
 
 def test_files_with_the_flows_data_are_private(broker, world, tmp_path):

@@ -24,6 +24,7 @@ from sferp.connectors.kafka import (
     end_offsets,
     list_partitions,
     read_positions,
+    unread_topics,
 )
 
 from sferp.broker import EmbeddedBroker
@@ -283,11 +284,14 @@ def test_start_latest_skips_history_sent_in_one_batch(broker, topics):
     assert [m.value for m in rest] == [b"more-%d" % i for i in range(8, 30)]
 
 
-def test_missing_topic_is_a_clear_error(broker, topics):
-    existing = topics({"here": 1})["here"]
+def test_missing_topics_are_recorded_and_none_at_all_is_a_clear_error(broker, topics):
+    existing = topics({"here": 2})["here"]
     source = KafkaSource(broker.bootstrap, [existing, "no.such.topic"])
+    assert source.list_parts() == [f"{existing}#0", f"{existing}#1"]
+    assert unread_topics() == {"no.such.topic"}  # the process reports not ready (metrics)
+    assert KafkaSource(broker.bootstrap, [existing]).list_parts() and unread_topics() == set()
     with pytest.raises(KafkaConnectorError) as info:
-        source.list_parts()
+        KafkaSource(broker.bootstrap, ["no.such.topic", "nor.this.one"]).list_parts()
     message = str(info.value)
     assert "no.such.topic" in message and broker.bootstrap in message and "\n" not in message
     # In a dataflow, Bytewax wraps it; the cause chain keeps our error.
