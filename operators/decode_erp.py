@@ -112,6 +112,22 @@ def decimal_scale(schema: object, column: str) -> int | None:
     return None
 
 
+def _source_ts(e: dict[str, Any]) -> Any:
+    source = e.get("source")
+    return source.get("ts_ms") if type(source) is dict else None
+
+
+def _exact_source_ts(msg: RawMessage) -> int | None:
+    """`source.ts_ms` re-read exactly: an integer beyond 64 bits, or None for what is no
+    integer literal (1e308). Rare: orjson gives both as floats."""
+    o, reason = parse_json_fallback(msg.value)  # type: ignore[arg-type]
+    if reason is not None or type(o) is not dict:
+        return None
+    payload = o.get("payload")
+    ts = _source_ts(payload if type(payload) is dict and "schema" in o else o)
+    return ts if type(ts) is int else None
+
+
 def decode_erp(
     o: dict[str, Any], msg: RawMessage, table: str, max_depth: int = 64, max_fields: int = 1000
 ) -> Any:
@@ -139,12 +155,9 @@ def decode_erp(
     if cop is None:
         if op == "t" or op == "m":  # ignored, never dead letters; their time moves the clock
             why = IGNORED_TRUNCATE if op == "t" else IGNORED_MESSAGE
-            source = e.get("source")
-            ts = source.get("ts_ms") if type(source) is dict else None
-            if type(ts) is not int:
-                if is_big_integral(ts):  # beyond 64 bits: orjson gave a float
-                    raise ReparseExact(BAD_ENVELOPE)
-                ts = None
+            ts = _source_ts(e)
+            if type(ts) is not int:  # no event time, unless an integer orjson gave as a float
+                ts = _exact_source_ts(msg) if is_big_integral(ts) else None
             return _new(Ignored, (msg.topic, msg.partition, msg.offset, why, ts))
         return dead_letter(msg, BAD_ENVELOPE)
     source = e.get("source")

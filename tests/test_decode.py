@@ -446,6 +446,7 @@ def test_an_unused_entity_is_ignored_whatever_the_rest_of_its_header():
     assert one(SF, bare(header(entityName="Lead", commitTimestamp=2**70))) == lead._replace(
         event_time=2**70
     )
+    assert one(SF, bare(header(entityName="Lead", commitTimestamp=1e308))) == lead
     # Without a readable entity name it is not known to be another entity.
     assert reason(SF, bare(header(entityName=None))) == "bad_header"
     assert reason(SF, bare(header(entityName=7, commitTimestamp="x"))) == "bad_header"
@@ -796,6 +797,8 @@ def test_truncate_and_logical_messages_are_ignored_and_feed_the_clock(op):
         assert one(SO, {"op": op, "source": bad}) == Ignored(SO, 2, 7, f"op_{op}", None)
     for big in (-(2**70), 2**64 + 1):  # exact beyond 64 bits, as the reference reads them
         assert one(SO, {"op": op, "source": {"ts_ms": big}}) == Ignored(SO, 2, 7, f"op_{op}", big)
+    # A float literal that orjson and the standard library both read as a float: no time.
+    assert one(SO, {"op": op, "source": {"ts_ms": 1e308}}) == Ignored(SO, 2, 7, f"op_{op}", None)
 
 
 @pytest.mark.parametrize(
