@@ -26,6 +26,7 @@ from sferp.operators.decode_common import (
     decode_base64_decimal,
     deeper_than,
     dumps_compact_sorted,
+    ignored_event_time,
     in_view_range,
     is_big_integral,
     is_decimal_string,
@@ -112,20 +113,12 @@ def decimal_scale(schema: object, column: str) -> int | None:
     return None
 
 
-def _source_ts(e: dict[str, Any]) -> Any:
+def _source_ts(o: dict[str, Any]) -> Any:
+    """`source.ts_ms` of an event in either form (None when absent)."""
+    payload = o.get("payload")
+    e = payload if type(payload) is dict and "schema" in o else o
     source = e.get("source")
     return source.get("ts_ms") if type(source) is dict else None
-
-
-def _exact_source_ts(msg: RawMessage) -> int | None:
-    """`source.ts_ms` re-read exactly: an integer beyond 64 bits, or None for what is no
-    integer literal (1e308). Rare: orjson gives both as floats."""
-    o, reason = parse_json_fallback(msg.value)  # type: ignore[arg-type]
-    if reason is not None or type(o) is not dict:
-        return None
-    payload = o.get("payload")
-    ts = _source_ts(payload if type(payload) is dict and "schema" in o else o)
-    return ts if type(ts) is int else None
 
 
 def decode_erp(
@@ -155,9 +148,7 @@ def decode_erp(
     if cop is None:
         if op == "t" or op == "m":  # ignored, never dead letters; their time moves the clock
             why = IGNORED_TRUNCATE if op == "t" else IGNORED_MESSAGE
-            ts = _source_ts(e)
-            if type(ts) is not int:  # no event time, unless an integer orjson gave as a float
-                ts = _exact_source_ts(msg) if is_big_integral(ts) else None
+            ts = ignored_event_time(_source_ts(o), msg, _source_ts)
             return _new(Ignored, (msg.topic, msg.partition, msg.offset, why, ts))
         return dead_letter(msg, BAD_ENVELOPE)
     source = e.get("source")

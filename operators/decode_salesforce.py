@@ -20,10 +20,10 @@ from sferp.operators.decode_common import (
     TOO_MANY_FIELDS,
     ReparseExact,
     dead_letter,
+    ignored_event_time,
     in_view_range,
     is_big_integral,
     is_decimal_string,
-    parse_json_fallback,
 )
 
 from sferp.events import (
@@ -118,16 +118,11 @@ def _body_fields(b: dict[str, Any]) -> int:
     return n
 
 
-def _exact_commit_timestamp(msg: RawMessage) -> int | None:
-    """The header's commitTimestamp re-read exactly: an integer beyond 64 bits, or None
-    for what is no integer literal (1e308). Rare: orjson gives both as floats."""
-    o, reason = parse_json_fallback(msg.value)  # type: ignore[arg-type]
-    if reason is not None or type(o) is not dict:
-        return None
+def _commit_timestamp(o: dict[str, Any]) -> Any:
+    """The header's commitTimestamp, in any of the three forms (None when absent)."""
     b = o.get("payload")
     h = (b if type(b) is dict else o).get("ChangeEventHeader")
-    ts = h.get("commitTimestamp") if type(h) is dict else None
-    return ts if type(ts) is int else None
+    return h.get("commitTimestamp") if type(h) is dict else None
 
 
 def decode_salesforce(o: dict[str, Any], msg: RawMessage, max_fields: int = 1000) -> Any:
@@ -157,9 +152,7 @@ def decode_salesforce(o: dict[str, Any], msg: RawMessage, max_fields: int = 1000
         return dead_letter(msg, BAD_HEADER)
     spec = _SPECS.get(entity)
     if spec is None:  # another entity: legitimate traffic, never a dead letter (CONTRACT §1.1)
-        ts = h.get("commitTimestamp")
-        if type(ts) is not int:  # no event time, unless an integer orjson gave as a float
-            ts = _exact_commit_timestamp(msg) if is_big_integral(ts) else None
+        ts = ignored_event_time(h.get("commitTimestamp"), msg, _commit_timestamp)
         return _new(Ignored, (msg.topic, msg.partition, msg.offset, IGNORED_ENTITY, ts))
     change_type = h.get("changeType")
     if type(change_type) is not str:

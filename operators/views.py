@@ -56,6 +56,15 @@ def _lineage(**ids: str) -> dict[str, str]:
     return {k: v for k, v in ids.items() if v}
 
 
+def _order_lineage(order: Any, link: Any) -> dict[str, str]:
+    """An order row's lineage: its Salesforce Order's and its linked ERP order's events.
+    Built only when something carrying it is sent (a changed row, exception or hand-off)."""
+    return _lineage(
+        salesforce=order.identity if order is not None else None,
+        erp=link.identity if link is not None else None,
+    )
+
+
 def _global(rows: dict, exceptions: list, handoffs: list | None = None) -> tuple[str, tuple]:
     return (GLOBAL, (GLOBAL_IN, GlobalInput({}, None, [], rows, exceptions, handoffs or [], [])))
 
@@ -269,15 +278,11 @@ class OrdersStage:
                 q2c,
             )
         old = node.row
-        lineage = _lineage(
-            salesforce=o.identity if o is not None else None,
-            erp=link.identity if link is not None else None,
-        )
         if row != old or (row is not None and updated != node.row_updated):
             if row is None:
                 rows[(oid,)] = None
             else:
-                rows[(oid,)] = (*row, updated, lineage, row != old)
+                rows[(oid,)] = (*row, updated, _order_lineage(o, link), row != old)
             node.row = row
             node.row_updated = updated
         # AMOUNT_MISMATCH
@@ -288,7 +293,9 @@ class OrdersStage:
                 else "amounts agree or order no longer linked"
             )
             exceptions.append(
-                ExceptionFact("AMOUNT_MISMATCH", oid, mismatch, detail, updated, lineage)
+                ExceptionFact(
+                    "AMOUNT_MISMATCH", oid, mismatch, detail, updated, _order_lineage(o, link)
+                )
             )
             node.mismatch = mismatch
         # ORPHAN_ERP_ORDER: live ERP orders naming an Order that is not live
@@ -326,7 +333,7 @@ class OrdersStage:
             else None
         )
         if cand != node.handoff:
-            handoffs.append(HandoffCandidate(oid, cand, lineage))
+            handoffs.append(HandoffCandidate(oid, cand, _order_lineage(o, link)))
             node.handoff = cand
         # demand per product
         demand: dict[str, tuple[Decimal, bool]] = {}
@@ -543,7 +550,10 @@ class SkusStage:
                         if unknown
                         else "ERP item exists or no longer ordered",
                         node.updated,
-                        _lineage(erp=node.erp_ident, salesforce=node.sf_ident),
+                        # the sku row's lineage (the row is gone when nothing is stocked)
+                        row[-1]
+                        if row is not None
+                        else _lineage(erp=node.erp_ident, salesforce=node.sf_ident),
                     )
                 )
                 node.unknown = unknown

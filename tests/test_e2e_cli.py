@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -66,10 +67,45 @@ def sferp(*args, timeout=300, **kw):
     )
 
 
+def run_args(broker, config, views_path) -> tuple[str, ...]:
+    return ("--config", str(config), "--bootstrap", broker.bootstrap, "--views", str(views_path))
+
+
 def sferp_run(broker, config, views_path, *extra, **kw):
     """`sferp run` with a config file against the test broker; the finished process."""
-    args = ("--config", str(config), "--bootstrap", broker.bootstrap, "--views", str(views_path))
-    return sferp("run", *args, *extra, **kw)
+    return sferp("run", *run_args(broker, config, views_path), *extra, **kw)
+
+
+@contextlib.contextmanager
+def live_sferp_run(broker, config, views_path, **kw):
+    """A live `sferp run` in the background; killed if a test leaves it running."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sferp", "run", *run_args(broker, config, views_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def stop_cleanly(proc) -> str:
+    """SIGTERM: the run drains, flushes, snapshots and exits 0. Returns its stderr."""
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-3000:]
+    return err
+
+
+def query_rows(views_path, sql: str) -> list[dict] | None:
+    """`sferp query` as JSON rows; None while the views cannot answer yet."""
+    r = sferp("query", sql, "--views", str(views_path), "--format", "json", timeout=30)
+    return json.loads(r.stdout) if r.returncode == 0 else None
 
 
 def run_until_caught_up(broker, config, views_path, *extra):
@@ -197,32 +233,11 @@ def test_live_run_is_queryable_and_stops_cleanly_on_sigterm(broker, world, tmp_p
     first = gen_config(names, 300, seed=23)
     produce(first, broker.bootstrap, create_topics=False)
     env = dict(os.environ, SFERP_FLOW__SNAPSHOT_INTERVAL_S="1")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "sferp",
-            "run",
-            "--config",
-            str(config),
-            "--bootstrap",
-            broker.bootstrap,
-            "--views",
-            str(views_path),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    try:
-        query = "SELECT sum(consumed) AS n FROM flow_stats"
+    with live_sferp_run(broker, config, views_path, env=env) as proc:
 
         def consumed():
-            r = sferp("query", query, "--views", str(views_path), "--format", "json", timeout=30)
-            if r.returncode != 0:
-                return None
-            n = json.loads(r.stdout)[0]["n"]
+            rows = query_rows(views_path, "SELECT sum(consumed) AS n FROM flow_stats")
+            n = rows[0]["n"] if rows else None
             return int(n) if n else None
 
         n_first = len(generated_messages(first))
@@ -232,12 +247,7 @@ def test_live_run_is_queryable_and_stops_cleanly_on_sigterm(broker, world, tmp_p
         n_second = sum(produce(second, broker.bootstrap, create_topics=False).values())
         total = _wait_for(lambda: (consumed() or 0) >= n_first + n_second and consumed())
         assert total == n_first + n_second
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
-        assert proc.returncode == 0, err[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+        stop_cleanly(proc)
     views = load_views(views_path)
     assert sum(s["consumed"] for s in views.flow_stats.values()) == n_first + n_second
     assert views.order_status and views.records
@@ -298,21 +308,12 @@ def test_a_live_run_reads_the_topics_that_exist_and_says_it_is_not_ready(broker,
         + f"[metrics]\nport = {port}\n"
     )
     views_path = tmp_path / "views.duckdb"
-    args = ("--config", str(config), "--bootstrap", broker.bootstrap, "--views", str(views_path))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sferp", "run", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    with live_sferp_run(broker, config, views_path) as proc:
         query = "SELECT consumed FROM flow_stats WHERE topic = '" + names["sf_cdc"] + "'"
 
         def consumed():
-            r = sferp("query", query, "--views", str(views_path), "--format", "json", timeout=30)
-            return (
-                r.returncode == 0 and json.loads(r.stdout) and json.loads(r.stdout)[0]["consumed"]
-            )
+            rows = query_rows(views_path, query)
+            return rows[0]["consumed"] if rows else None
 
         assert _wait_for(lambda: consumed() == len(sf_only))
         import urllib.error
@@ -323,12 +324,7 @@ def test_a_live_run_reads_the_topics_that_exist_and_says_it_is_not_ready(broker,
         reason = answer.value.read().decode()
         assert answer.value.code == 503 and "not read until sferp restarts" in reason
         assert all(names[r] in reason for r in ROLES[1:]), reason
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-        assert proc.returncode == 0, err[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+        err = stop_cleanly(proc)
     for role in ROLES[1:]:
         assert f"topic '{names[role]}' does not exist" in err
 
