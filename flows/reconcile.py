@@ -17,12 +17,14 @@ import logging
 import pickle
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow, Stream
+from bytewax.inputs import FixedPartitionedSource
 from bytewax.operators import StatefulBatchLogic
 from sferp.connectors.audit_log import AuditSettings, LineageTap
 from sferp.connectors.duckdb_views import DuckDBViewsSink
@@ -47,6 +49,7 @@ from sferp.operators.views import OrdersStage, ProductsStage, SkusStage
 
 from sferp.config import Settings
 from sferp.events import Change, DeadLetter, Ignored, RawMessage
+from sferp.stage_time import StageClock, TimedSink, TimedSource
 
 log = logging.getLogger("sferp.flow")
 
@@ -198,33 +201,47 @@ class _Logic(StatefulBatchLogic):
     only when a recovery store is configured.
     """
 
-    def __init__(self, stage: Any, state: Any, recovery: bool) -> None:
+    def __init__(
+        self, stage: Any, state: Any, recovery: bool, timed: Callable[[list], Any] | None = None
+    ) -> None:
         self.stage = stage
         self.state = state
         self.recovery = recovery
+        self.process = timed or stage.process  # stage.process, maybe timed (sferp/stage_time.py)
 
     def on_batch(self, values: list) -> tuple[list, bool]:
-        return [self.stage.process(values)], StatefulBatchLogic.RETAIN
+        return [self.process(values)], StatefulBatchLogic.RETAIN
 
     def snapshot(self) -> Any:
         return pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL) if self.recovery else None
 
 
 class _CoordinatorLogic(StatefulBatchLogic):
-    def __init__(self, coord: Coordinator, recovery: bool, live: bool) -> None:
+    def __init__(
+        self, coord: Coordinator, recovery: bool, live: bool, clock: StageClock | None = None
+    ) -> None:
         self.coord = coord
         self.recovery = recovery
         self.live = live
+        self._process, self._tick, self._flush = (
+            (coord.process, coord.tick, coord.flush)
+            if clock is None
+            else (
+                clock.wrap("coordinator", coord.process),
+                clock.wrap("coordinator", coord.tick),
+                clock.wrap("coordinator", coord.flush),
+            )
+        )
 
     def on_batch(self, values: list) -> tuple[list, bool]:
-        return [self.coord.process([v[1] for v in values])], StatefulBatchLogic.RETAIN
+        return [self._process([v[1] for v in values])], StatefulBatchLogic.RETAIN
 
     def on_notify(self) -> tuple[list, bool]:
-        delta, kafka = self.coord.tick()
+        delta, kafka = self._tick()
         return ([(delta, kafka)] if delta or kafka else []), StatefulBatchLogic.RETAIN
 
     def on_eof(self) -> tuple[list, bool]:
-        kafka = self.coord.flush()  # records waiting for the emit interval
+        kafka = self._flush()  # records waiting for the emit interval
         return ([({}, kafka)] if kafka else []), StatefulBatchLogic.RETAIN
 
     def notify_at(self) -> datetime | None:
@@ -287,13 +304,14 @@ def build_flow(settings: Settings, opts: FlowOptions) -> Dataflow:
         stop_event=opts.stop_event,
         linger_ms=fs.linger_ms,
     )
-    raw = op.input("kafka_in", flow, source)
-    routed = op.flat_map(
-        "decode",
-        raw,
-        make_router(decode_cfg, live=live, max_future_skew_ms=fs.max_future_skew_s * 1000),
-    )
     probe = opts.metrics
+    # Busy time per stage (`sferp_worker_busy_seconds_total`), only with metrics.
+    clock: StageClock | None = probe.stage_clock if probe is not None else None
+    if clock is not None and isinstance(source, FixedPartitionedSource):
+        source = TimedSource(source, clock)
+    raw = op.input("kafka_in", flow, source)
+    router = make_router(decode_cfg, live=live, max_future_skew_ms=fs.max_future_skew_s * 1000)
+    routed = op.flat_map("decode", raw, router if clock is None else clock.wrap("decode", router))
     if probe is not None:  # observe only: messages read, partition clocks
         op.inspect("metrics_in", raw, probe.on_input)
         op.inspect("metrics_decoded", routed, probe.on_routed)
@@ -329,9 +347,13 @@ def build_flow(settings: Settings, opts: FlowOptions) -> Dataflow:
     window_ms = fs.dedup_window_s * 1000
     lateness_ms = fs.allowed_lateness_s * 1000
 
+    def timed(stage: str, fn: Callable[[list], Any]) -> Callable[[list], Any] | None:
+        return None if clock is None else clock.wrap(stage, fn)
+
     def merge_builder(resume: Any) -> _Logic:
         state = _restore(resume, None) or MergeState(window_ms)
-        return _Logic(Merger(state, lateness_ms), state, rec)
+        merger = Merger(state, lateness_ms)
+        return _Logic(merger, state, rec, timed("merge", merger.process))
 
     merged = op.flat_map(
         "merge_out",
@@ -339,10 +361,11 @@ def build_flow(settings: Settings, opts: FlowOptions) -> Dataflow:
         _unwrap,
     )
 
-    def stage_builder(cls: Any) -> Any:
+    def stage_builder(name: str, cls: Any) -> Any:
         def build(resume: Any) -> _Logic:
             state = _restore(resume, {})
-            return _Logic(cls(state), state, rec)
+            logic = cls(state)
+            return _Logic(logic, state, rec, timed(name, logic.process))
 
         return build
 
@@ -350,7 +373,7 @@ def build_flow(settings: Settings, opts: FlowOptions) -> Dataflow:
         ins = [op.filter(f"{name}_in_{i}", up, _prefix(prefix)) for i, up in enumerate(ups)]
         joined = ins[0] if len(ins) == 1 else op.merge(f"{name}_in", *ins)
         return op.flat_map(
-            f"{name}_out", op.stateful_batch(name, joined, stage_builder(cls)), _unwrap
+            f"{name}_out", op.stateful_batch(name, joined, stage_builder(name, cls)), _unwrap
         )
 
     orders = stage("orders", ORDERS, OrdersStage, merged)
@@ -375,7 +398,7 @@ def build_flow(settings: Settings, opts: FlowOptions) -> Dataflow:
         )
         if audit is not None:  # hands view rows' lineage to the writer's audit_log
             coord = LineageTap(coord)
-        return _CoordinatorLogic(coord, rec, live)
+        return _CoordinatorLogic(coord, rec, live, clock)
 
     to_global = [
         op.filter(f"global_in_{i}", up, _prefix(GLOBAL))
@@ -394,7 +417,8 @@ def build_flow(settings: Settings, opts: FlowOptions) -> Dataflow:
         memory_limit_mb=settings.views.memory_limit_mb,
         nice=fs.background_nice,
     )
-    op.output("views", deltas, probe.views_sink(views_sink) if probe else views_sink)
+    observed = probe.views_sink(views_sink) if probe else views_sink
+    op.output("views", deltas, observed if clock is None else TimedSink(observed, clock, "views"))
     if sf_api and settings.salesforce.writeback:
         dlq = sfc.dead_letter_writer(settings, opts.kafka_outputs)
         sfc.attach_writeback(deltas, settings, dlq, writer=opts.writer, recovery=rec)
@@ -418,5 +442,9 @@ def build_flow(settings: Settings, opts: FlowOptions) -> Dataflow:
             if protector is not None
             else None,
         )
-        op.output("kafka_out", records, kafka_sink)
+        op.output(
+            "kafka_out",
+            records,
+            kafka_sink if clock is None else TimedSink(kafka_sink, clock, "kafka_out"),
+        )
     return flow

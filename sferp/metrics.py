@@ -68,6 +68,7 @@ from sferp.connectors.kafka import end_offsets, read_positions, unread_topics
 from sferp.connectors.query_server import TOKEN_HEADER, endpoint_path
 from sferp.events import RawMessage
 from sferp.operators.facts import GLOBAL_IN, TICK
+from sferp.stage_time import StageClock
 
 log = logging.getLogger("sferp.metrics")
 
@@ -280,6 +281,7 @@ class Monitor:
         self._progress_at = 0.0
         self._progress_drawn = False
 
+        self.stage_clock = StageClock()  # the flow times its stages with it (stage_time.py)
         self.registry = CollectorRegistry()
         self.commit_seconds = Histogram(
             "sferp_view_commit_seconds",
@@ -462,6 +464,9 @@ class Monitor:
             elapsed,
             f"{n / elapsed:,.0f}" if elapsed > 0 else "-",
         )
+        busy = self.stage_clock.summary(elapsed)
+        if busy:
+            log.info("worker time by stage: %s", busy)
 
     def _spawn(self, name: str, target: Callable[..., Any], *args: Any) -> None:
         t = threading.Thread(target=target, args=args, name=name, daemon=True)
@@ -771,6 +776,15 @@ class _Collector(Collector):
         for (topic, part), n in sorted(read.items()):
             c.add_metric([topic, str(part)], n)
         yield c
+        busy = CounterMetricFamily(
+            "sferp_worker_busy_seconds",
+            "Wall-clock seconds each worker thread of this process spent inside each stage "
+            "(a rate near 1 per worker: no headroom left).",
+            labels=["worker", "stage"],
+        )
+        for worker, stage, _calls, seconds in m.stage_clock.totals():
+            busy.add_metric([worker, stage], seconds)
+        yield busy
         now = time.time()
         lag = GaugeMetricFamily(
             "sferp_event_lag_seconds",

@@ -38,6 +38,7 @@ from sferp.demo import generated_messages
 from sferp.generator import GeneratorConfig, produce
 from sferp.logfmt import JsonFormatter
 from sferp.metrics import Monitor, progress_line
+from sferp.stage_time import STAGES
 
 ROOT = Path(__file__).resolve().parent.parent
 MONITORING = ROOT / "monitoring"
@@ -193,6 +194,7 @@ def live(broker, tmp_path_factory):
         out["readyz"] = wait_for(lambda: (s := http_get(base + "/readyz"))[0] == 200 and s)
         time.sleep(1.5)
         out["after_text"] = http_get(base + "/metrics")[1]
+        out["after_at"] = time.time()
         out["after"] = parse(out["after_text"])
         out["flow_stats"] = query(views, "SELECT * FROM flow_stats")
         out["dead"] = query(
@@ -276,6 +278,28 @@ def test_scrapes_agree_with_what_was_produced_and_with_flow_stats(live):
     stages = by(after, "sferp_orders", "stage")
     assert {s: n for s, n in stages.items() if n} == {r["stage"]: r["n"] for r in live["stages"]}
     assert total(after, "sferp_quote_to_cash_seconds_count") == live["counts"]["q2c"] > 0
+
+
+def test_worker_busy_time_per_stage_is_served_and_logged(live):
+    """Every stage of the one worker is served; the stages that handle every message
+    took time, and in all no more than the wall clock since the start."""
+    after = live["after"]
+    busy = {
+        (dict(k[1])["worker"], dict(k[1])["stage"]): v
+        for k, v in after.items()
+        if k[0] == "sferp_worker_busy_seconds_total"
+    }
+    assert {w for w, _ in busy} == {"0"}
+    assert {s for _, s in busy} == set(STAGES)
+    for stage in ("read", "decode", "merge", "orders", "coordinator", "views", "kafka_out"):
+        assert busy[("0", stage)] > 0, stage
+    assert sum(busy.values()) < live["after_at"] - total(after, "sferp_start_time_seconds")
+    closing = [
+        json.loads(line)["message"]
+        for line in live["stderr"].splitlines()
+        if "worker time by stage" in line
+    ]
+    assert len(closing) == 1 and re.search(r"merge \d+ %.*\(busy \d+ % of [\d.]+ s\)", closing[0])
 
 
 def test_order_gauges_of_the_business_alerts_equal_the_views(live):
