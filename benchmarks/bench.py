@@ -216,6 +216,17 @@ def _child_env() -> dict[str, str]:
     return env
 
 
+def _worker_time(log_path: str) -> str | None:
+    """The "worker time by stage" summary a `sferp run` logs as it ends, or None."""
+    marker = "worker time by stage: "
+    try:
+        lines = Path(log_path).read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    found = [line.split(marker, 1)[1] for line in lines if marker in line]
+    return found[-1] if found else None
+
+
 def _log(msg: str) -> None:
     print(f"[{datetime.now().strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -389,6 +400,8 @@ class Bench:
             **info,
         }
         entry["peak_rss_bytes"] = max(p.peak_rss_bytes for p in med.procs)
+        if kind == "sferp":  # where each process's workers spent the run (its closing line)
+            entry["worker_time"] = [_worker_time(p.log_path) for p in med.procs]
         self.results["variants"][name] = entry
         _log(
             f"{name}: {entry['events_per_s']:,.0f} events/s, wall {med.wall_s:.1f} s, "
@@ -631,6 +644,8 @@ class Bench:
                     m = g.wait(1)
                     self._problem(f"latency {pct} %: the flow did not come up")
                     continue
+                port = int(env["SFERP_METRICS__PORT"])
+                busy_before, busy_t0 = latency.scrape_busy(port), time.monotonic()
                 phase = latency.run_phase(
                     self.bootstrap,
                     str(views),
@@ -640,6 +655,9 @@ class Bench:
                     warmup_s=cfg.latency_warmup_s,
                     drain_timeout_s=cfg.latency_drain_s,
                     expected_consumed=len(stream),
+                )
+                phase["worker_busy"] = latency.busy_between(
+                    busy_before, latency.scrape_busy(port), time.monotonic() - busy_t0
                 )
                 phase["primer_messages"] = primer
                 phase["consumed_at_end"] = latency.consumed(str(views))

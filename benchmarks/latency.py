@@ -186,6 +186,34 @@ def scrape_commit_histogram(port: int, timeout_s: float = 5.0) -> dict[str, Any]
     }
 
 
+def scrape_busy(port: int, timeout_s: float = 5.0) -> dict[str, float] | None:
+    """The flow's `sferp_worker_busy_seconds_total` by stage, summed over its workers."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout_s) as r:
+            text = r.read().decode()
+    except (OSError, ValueError):
+        return None
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("sferp_worker_busy_seconds_total{"):
+            labels, _, value = line.rpartition(" ")
+            stage = labels.split('stage="', 1)[1].split('"', 1)[0]
+            out[stage] = out.get(stage, 0.0) + float(value)
+    return out or None
+
+
+def busy_between(
+    before: dict[str, float] | None, after: dict[str, float] | None, seconds: float
+) -> dict[str, Any] | None:
+    """Share of `seconds` the workers spent in each stage between two `scrape_busy` readings."""
+    if not before or not after or seconds <= 0:
+        return None
+    stages = {k: round((after[k] - before.get(k, 0.0)) / seconds, 4) for k in after}
+    return {"total": round(sum(stages.values()), 4), "stages": stages, "seconds": round(seconds, 2)}
+
+
 def percentile(sorted_values: Sequence[float], q: float) -> float:
     """Nearest-rank percentile of sorted values (inf when it falls on an unobserved sample)."""
     if not sorted_values:

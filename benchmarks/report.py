@@ -211,6 +211,10 @@ def _s(x: float | None, timeout: float | None = None) -> str:
     return f"{x:.2f} s"
 
 
+def _busy(wb: dict[str, Any] | None) -> str:
+    return "-" if not wb else f"{wb['total']:.0%}"
+
+
 def _mib(b: float | None) -> str:
     return "n/a" if not b else f"{b / MIB:,.0f} MiB"
 
@@ -308,6 +312,16 @@ def markdown(r: dict[str, Any], name: str) -> str:
             f"views, flush, exit): {st['wall_s']:.2f} s wall, {st['cpu_s']:.2f} CPU-s, peak RSS "
             f"{_mib(st['peak_rss_bytes'])}."
         )
+    times = [
+        (VARIANT_TITLES[k], r["variants"][k]["worker_time"])
+        for k in VARIANT_TITLES
+        if r["variants"].get(k, {}).get("worker_time")
+    ]
+    if times:
+        add("\nWhere the workers' time went, from each sferp run's closing log line:\n")
+        for title, lines in times:
+            procs = [f"process {i}: {t}" if len(lines) > 1 else t for i, t in enumerate(lines) if t]
+            add(f"- {title}: " + "; ".join(procs))
     if raw:
         add(
             "\nThe textbook flow does only decode, de-duplication and per-record merge (no views, "
@@ -337,9 +351,9 @@ def markdown(r: dict[str, Any], name: str) -> str:
         add("## End-to-end latency under steady load\n")
         add(
             "| load | target events/s | achieved | samples | p50 | p95 | p99 | max | never seen | "
-            "flow CPU s | broker CPU s | producer CPU s | peak RSS |"
+            "worker busy | flow CPU s | broker CPU s | producer CPU s | peak RSS |"
         )
-        add("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        add("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
         for lat in r["latency"].values():
             f = lat.get("flow", {})
             add(
@@ -348,6 +362,7 @@ def markdown(r: dict[str, Any], name: str) -> str:
                 f"{_s(lat['p50_s'])} | {_s(lat['p95_s'])} | "
                 f"{_s(lat['p99_s'], lat['drain_timeout_s'])} | "
                 f"{_s(lat['max_s'], lat['drain_timeout_s'])} | {lat['samples_unobserved']} | "
+                f"{_busy(lat.get('worker_busy'))} | "
                 f"{f.get('cpu_s', 0):.1f} | {f.get('broker_cpu_s', 0):.1f} | "
                 f"{lat.get('producer_cpu_s', 0):.1f} | {_mib(f.get('peak_rss_bytes'))} |"
             )
@@ -365,8 +380,17 @@ def markdown(r: dict[str, Any], name: str) -> str:
             "the DuckDB commit (every 0.25 s) and up to one poll interval. Samples sent in the "
             f"first {any_lat['warmup_s']:g} s are not counted (warm-up); a sample not seen "
             f"{any_lat['drain_timeout_s']:g} s after the producer finished counts as infinitely "
-            "late."
+            "late. Worker busy: the share of the phase the worker spent inside the flow's stages "
+            "(`sferp_worker_busy_seconds_total`, scraped at the phase's start and end); near "
+            "100 % the worker has no headroom and changes queue up in Kafka."
         )
+        for lat in r["latency"].values():
+            wb = lat.get("worker_busy")
+            if wb:
+                shares = ", ".join(
+                    f"{stage} {x:.0%}" for stage, x in wb["stages"].items() if round(x * 100) >= 1
+                )
+                add(f"- {lat['load_fraction']:.0%} load, worker busy by stage: {shares}")
         add(_img(r, name, "latency"))
 
     mem = r.get("memory", {})

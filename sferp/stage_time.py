@@ -98,7 +98,7 @@ class StageClock:
     def summary(self, elapsed_s: float) -> str:
         """One line per process: each worker's share of `elapsed_s` in each stage, and in all.
 
-        Stages under 0.5 % are left out; "" when no stage ran.
+        Stages that round to 0 % are left out; "" when no stage ran.
         """
         per_worker: dict[str, list[tuple[str, float]]] = {}
         for worker, stage, _calls, seconds in self.totals():
@@ -110,7 +110,7 @@ class StageClock:
             shares = ", ".join(
                 f"{stage} {100 * s / elapsed_s:.0f} %"
                 for stage, s in stages
-                if s / elapsed_s >= 0.005
+                if round(100 * s / elapsed_s) >= 1
             )
             total = 100 * sum(s for _, s in stages) / elapsed_s
             name = f"worker {worker}: " if len(per_worker) > 1 else ""

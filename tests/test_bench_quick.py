@@ -48,6 +48,11 @@ def test_every_variant_ran_over_the_whole_stream(quick_run):
         assert v["events"] == n and v["events_per_s"] > 0, name
         assert all(p["returncode"] == 0 and p["peak_rss_bytes"] > 0 for p in v["processes"]), name
     assert len(results["variants"]["sferp_2p"]["processes"]) == 2
+    # Each sferp process said where its workers' time went (its closing log line).
+    for name in ("sferp_1w", "sferp_w2", "sferp_2p", "sferp_1w_recovery"):
+        times = results["variants"][name]["worker_time"]
+        assert len(times) == len(results["variants"][name]["processes"]), name
+        assert all("merge" in t and "busy" in t for t in times), (name, times)
     # The baselines report what they read: every message of the stream.
     assert results["variants"]["raw_floor"]["counts"]["messages"] == n
     assert results["variants"]["textbook"]["counts"]["messages"] == n
@@ -56,6 +61,9 @@ def test_every_variant_ran_over_the_whole_stream(quick_run):
         assert lat["flow_exit_ok"] and lat["producer_error"] is None
         assert lat["samples_counted"] > 0
         assert lat["consumed_at_end"] == lat["messages_sent"] + lat["primer_messages"]
+        busy = lat["worker_busy"]  # scraped at the phase's start and end
+        assert busy["stages"]["decode"] > 0 and busy["stages"]["merge"] > 0
+        assert 0 < busy["total"] == pytest.approx(sum(busy["stages"].values()), abs=1e-3)
     mem = results["memory"]
     assert 0 < mem["fill_small"]["live_records"] < mem["fill_large"]["live_records"]
     assert mem["dedup"]["bytes_per_identity"] > 8  # at least the 64-bit hash itself
@@ -70,6 +78,7 @@ def test_every_variant_ran_over_the_whole_stream(quick_run):
     assert all(t["status"] in ("PASS", "FAIL", "N/A") for t in results["targets"])
     report = (out / "smoke.md").read_text()
     assert "## Targets" in report and "raw floor" in report
+    assert "Where the workers' time went" in report and "worker busy by stage" in report
     assert "PASS" in stdout or "FAIL" in stdout
 
 
