@@ -82,7 +82,11 @@ def iso(ms: int | None) -> str | None:
     if prefix is None:
         if len(_ISO_SECONDS) > 8192:
             _ISO_SECONDS.clear()
-        prefix = _ISO_SECONDS[sec] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        t = time.gmtime(sec)  # the year padded to 4 digits, which strftime's %Y does not do
+        prefix = _ISO_SECONDS[sec] = (
+            f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}"
+            f"T{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}"
+        )
     if len(_ISO_MS) > 16384:
         _ISO_MS.clear()
     text = _ISO_MS[ms] = f"{prefix}.{milli:03d}Z"

@@ -9,13 +9,12 @@ from __future__ import annotations
 import base64
 import json
 import re
-from collections.abc import Callable
 from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal, InvalidOperation
 from typing import Any
 
 import orjson
 
-from sferp.events import DeadLetter, RawMessage
+from sferp.events import DeadLetter, RawMessage, event_time_in_range
 
 # Dead-letter reason codes (docs/semantics.md §1), exact strings.
 TOO_LARGE = "too_large"
@@ -83,17 +82,11 @@ def is_big_integral(x: object) -> bool:
     return type(x) is float and x.is_integer() and not (-(2**63) < x < 2**64)
 
 
-def ignored_event_time(value: Any, msg: RawMessage, locate: Callable[[dict], Any]) -> int | None:
-    """The event time of an ignored event: `value` when it is an integer, None when it is
-    anything else, except a float orjson made of an integer literal beyond 64 bits: that
-    one is re-read exactly (`locate` finds it in the standard library's parse). Rare."""
-    if type(value) is int:
-        return value
-    if not is_big_integral(value):
-        return None
-    o, reason = parse_json_fallback(msg.value)  # type: ignore[arg-type]
-    exact = locate(o) if reason is None and type(o) is dict else None
-    return exact if type(exact) is int else None
+def ignored_event_time(value: Any) -> int | None:
+    """The event time of an ignored event: `value` when it is an integer in the event-time
+    range (docs/semantics.md, "Ranges"), else None. An integer literal beyond 64 bits,
+    which orjson reads as a float, is out of that range either way."""
+    return value if type(value) is int and event_time_in_range(value) else None
 
 
 def holds_big_integral(values: Any) -> bool:

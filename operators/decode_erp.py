@@ -33,7 +33,7 @@ from sferp.operators.decode_common import (
     parse_json_fallback,
 )
 
-from sferp.events import DELETE, ERP, UPSERT, Change, Ignored, RawMessage
+from sferp.events import DELETE, ERP, UPSERT, Change, Ignored, RawMessage, event_time_in_range
 
 __all__ = ["ERP_TABLES", "NUMERIC_COLUMNS", "PRIMARY_KEYS", "decode_erp"]
 
@@ -113,14 +113,6 @@ def decimal_scale(schema: object, column: str) -> int | None:
     return None
 
 
-def _source_ts(o: dict[str, Any]) -> Any:
-    """`source.ts_ms` of an event in either form (None when absent)."""
-    payload = o.get("payload")
-    e = payload if type(payload) is dict and "schema" in o else o
-    source = e.get("source")
-    return source.get("ts_ms") if type(source) is dict else None
-
-
 def decode_erp(
     o: dict[str, Any], msg: RawMessage, table: str, max_depth: int = 64, max_fields: int = 1000
 ) -> Any:
@@ -148,7 +140,8 @@ def decode_erp(
     if cop is None:
         if op == "t" or op == "m":  # ignored, never dead letters; their time moves the clock
             why = IGNORED_TRUNCATE if op == "t" else IGNORED_MESSAGE
-            ts = ignored_event_time(_source_ts(o), msg, _source_ts)
+            source = e.get("source")
+            ts = ignored_event_time(source.get("ts_ms") if type(source) is dict else None)
             return _new(Ignored, (msg.topic, msg.partition, msg.offset, why, ts))
         return dead_letter(msg, BAD_ENVELOPE)
     source = e.get("source")
@@ -160,6 +153,8 @@ def decode_erp(
     ts = source.get("ts_ms")
     if type(ts) is not int:
         return _bad_int(msg, ts)
+    if not event_time_in_range(ts):
+        return dead_letter(msg, BAD_ENVELOPE)
     row = e.get("after") if cop is UPSERT else e.get("before")
     if type(row) is not dict:
         return dead_letter(msg, BAD_ENVELOPE)

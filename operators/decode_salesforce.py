@@ -36,6 +36,7 @@ from sferp.events import (
     Change,
     Ignored,
     RawMessage,
+    event_time_in_range,
 )
 from sferp.sfid import normalize_id
 
@@ -118,13 +119,6 @@ def _body_fields(b: dict[str, Any]) -> int:
     return n
 
 
-def _commit_timestamp(o: dict[str, Any]) -> Any:
-    """The header's commitTimestamp, in any of the three forms (None when absent)."""
-    b = o.get("payload")
-    h = (b if type(b) is dict else o).get("ChangeEventHeader")
-    return h.get("commitTimestamp") if type(h) is dict else None
-
-
 def decode_salesforce(o: dict[str, Any], msg: RawMessage, max_fields: int = 1000) -> Any:
     """Decode one parsed CDC event: a Change, a list of Changes, a DeadLetter or an Ignored.
 
@@ -152,7 +146,7 @@ def decode_salesforce(o: dict[str, Any], msg: RawMessage, max_fields: int = 1000
         return dead_letter(msg, BAD_HEADER)
     spec = _SPECS.get(entity)
     if spec is None:  # another entity: legitimate traffic, never a dead letter (CONTRACT §1.1)
-        ts = ignored_event_time(h.get("commitTimestamp"), msg, _commit_timestamp)
+        ts = ignored_event_time(h.get("commitTimestamp"))
         return _new(Ignored, (msg.topic, msg.partition, msg.offset, IGNORED_ENTITY, ts))
     change_type = h.get("changeType")
     if type(change_type) is not str:
@@ -163,6 +157,8 @@ def decode_salesforce(o: dict[str, Any], msg: RawMessage, max_fields: int = 1000
     ts = h.get("commitTimestamp")
     if type(ts) is not int:
         return _bad_int(msg, ts)
+    if not event_time_in_range(ts):
+        return dead_letter(msg, BAD_HEADER)
     seq = h.get("sequenceNumber")
     if type(seq) is not int:
         return _bad_int(msg, seq)

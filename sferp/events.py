@@ -23,6 +23,18 @@ RESYNCED = "resynced"  # a GAP_OVERFLOW's entity was re-read: closes `<entity>:*
 
 LIFECYCLE_OPS = frozenset({CREATE, DELETE, UNDELETE, IMAGE})
 
+# Event times (ms since the epoch) a view's TIMESTAMP column and the ISO texts of the
+# Kafka outputs can hold: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999Z. An event
+# time outside is bad input (docs/semantics.md, "Ranges"); DuckDB refused such a
+# time in the commit, which stopped the flow at the same message on every restart.
+EVENT_TIME_MIN_MS = -62_135_596_800_000
+EVENT_TIME_MAX_MS = 253_402_300_799_999
+
+
+def event_time_in_range(ms: int) -> bool:
+    """True when the integer `ms` is a representable event time."""
+    return EVENT_TIME_MIN_MS <= ms <= EVENT_TIME_MAX_MS
+
 
 class RawMessage(NamedTuple):
     """One Kafka message as the source yields it."""

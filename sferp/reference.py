@@ -28,6 +28,8 @@ from sferp.events import (
     CREATE,
     DELETE,
     ERP,
+    EVENT_TIME_MAX_MS,
+    EVENT_TIME_MIN_MS,
     GAP,
     SALESFORCE,
     UNDELETE,
@@ -302,6 +304,11 @@ def _is_int(value: Any) -> bool:
     return type(value) is int
 
 
+def _is_time(value: Any) -> bool:
+    """An integer event time a TIMESTAMP column holds (years 1 to 9999)."""
+    return type(value) is int and EVENT_TIME_MIN_MS <= value <= EVENT_TIME_MAX_MS
+
+
 def _is_str_list(value: Any) -> bool:
     return type(value) is list and all(type(x) is str for x in value)
 
@@ -362,7 +369,7 @@ def _decode_sf(obj: dict, msg: RawMessage, max_fields: int) -> list[Change] | Ig
     if type(entity) is str and entity not in SF_FIELDS:
         # Another entity: ignored whatever the rest of its header says (CONTRACT §1.1).
         commit_ts = header.get("commitTimestamp")
-        event_time = commit_ts if _is_int(commit_ts) else None
+        event_time = commit_ts if _is_time(commit_ts) else None
         return Ignored(msg.topic, msg.partition, msg.offset, "entity", event_time)
     change_type = header.get("changeType")
     commit_ts = header.get("commitTimestamp")
@@ -374,7 +381,7 @@ def _decode_sf(obj: dict, msg: RawMessage, max_fields: int) -> list[Change] | Ig
         type(entity) is not str
         or type(change_type) is not str
         or change_type not in SF_CHANGE_TYPES
-        or not _is_int(commit_ts)
+        or not _is_time(commit_ts)
         or not _is_int(seq)
         or not _is_int(commit_no)
         or type(tx_key) is not str
@@ -505,7 +512,7 @@ def _decode_erp(obj: dict, msg: RawMessage, table: str, max_fields: int) -> list
     if op in ("t", "m"):  # ignored; `source.ts_ms`, when there is one, moves the clock
         source = envelope.get("source")
         ts_ms = source.get("ts_ms") if type(source) is dict else None
-        event_time = ts_ms if type(ts_ms) is int else None
+        event_time = ts_ms if _is_time(ts_ms) else None
         return Ignored(msg.topic, msg.partition, msg.offset, f"op_{op}", event_time)
     if op not in ("c", "u", "d", "r"):
         raise _Dead("bad_envelope")
@@ -513,7 +520,7 @@ def _decode_erp(obj: dict, msg: RawMessage, table: str, max_fields: int) -> list
     if (
         type(source) is not dict
         or not _is_int(source.get("lsn"))
-        or not _is_int(source.get("ts_ms"))
+        or not _is_time(source.get("ts_ms"))
     ):
         raise _Dead("bad_envelope")
     image_name = "before" if op == "d" else "after"

@@ -76,3 +76,47 @@ def test_nulled_fields_apply_without_changed_fields(tmp_path):
     views = flow_and_reference([(SF, ORDER, create), (SF, ORDER, update)], tmp_path)
     (fields,) = [r.fields for k, r in views.records.items() if k[1] == "Order"]
     assert fields["EffectiveDate"] is None, json.dumps(fields)
+
+
+FIRST_MS, LAST_MS = -62_135_596_800_000, 253_402_300_799_999  # years 1 and 9999, UTC
+
+
+@pytest.mark.parametrize(
+    "ts, dead",
+    [
+        (LAST_MS, False),
+        (LAST_MS + 1, True),
+        (FIRST_MS, False),
+        (FIRST_MS - 1, True),
+        (10**17, True),  # DuckDB's TIMESTAMP refused this one in the commit
+        (2**70, True),  # beyond 64 bits: re-read exactly, then out of range
+    ],
+)
+def test_an_event_time_no_timestamp_column_holds_is_a_dead_letter(ts, dead, tmp_path):
+    """Such a message stopped the flow at its views commit, on every restart."""
+    product = sf_event("CREATE", PRODUCT, ts, 0, "Product2", ProductCode="S1")
+    item = erp_event("c", "items", {"sku": "S1", "list_price": 1}, 7)
+    item["source"]["ts_ms"] = ts
+    order = sf_event("CREATE", ORDER, T0, 1, Status="Draft", OrderNumber="1")
+    views = flow_and_reference(
+        [(SF, PRODUCT, product), (ITEMS, {"sku": "S1"}, item), (SF, ORDER, order)], tmp_path
+    )
+    reasons = {(topic, reason) for topic, _, _, reason, _ in views.dead_letters}
+    entities = {key[1] for key in views.records}
+    if dead:
+        assert reasons == {(SF, "bad_header"), (ITEMS, "bad_envelope")}
+        assert entities == {"Order"}  # the valid change after them still applies
+    else:
+        assert reasons == set() and entities == {"Product2", "items", "Order"}
+
+
+@pytest.mark.parametrize("ts, overdue", [(T0 + 20 * MIN, True), (10**17, False), (2**70, False)])
+def test_an_ignored_event_moves_the_clock_only_with_a_time_in_range(ts, overdue, tmp_path):
+    items = activated_order_with_one_item("S1")
+    lead = sf_event("CREATE", "00Q000000000001AAA", ts, 0, "Lead", LastName="x")
+    truncate = {"op": "t", "source": {"table": "sales_orders", "ts_ms": ts}}
+    items += [(SF, None, lead), (SO, None, truncate)]
+    views = flow_and_reference(items, tmp_path)
+    assert (("HANDOFF_OVERDUE", ORDER) in views.open_exceptions) is overdue
+    assert views.dead_letters == set()
+    assert views.flow_stats[SF]["ignored"] == 1 and views.flow_stats[SO]["ignored"] == 1

@@ -443,9 +443,11 @@ def test_an_unused_entity_is_ignored_whatever_the_rest_of_its_header():
     assert one(SF, bare(header(entityName="Lead", commitNumber=None))).why == "entity"
     out = one(SF, bare(header(entityName="Lead", changedFields=5, commitTimestamp=123)))
     assert out == Ignored(SF, 2, 7, "entity", 123)
-    assert one(SF, bare(header(entityName="Lead", commitTimestamp=2**70))) == lead._replace(
-        event_time=2**70
-    )
+    # Outside the event-time range (years 1 to 9999): no time, as for any other non-time.
+    for far in (2**70, 10**17, 253_402_300_800_000, -62_135_596_800_001):
+        assert one(SF, bare(header(entityName="Lead", commitTimestamp=far))) == lead
+    last = 253_402_300_799_999
+    assert one(SF, bare(header(entityName="Lead", commitTimestamp=last))).event_time == last
     assert one(SF, bare(header(entityName="Lead", commitTimestamp=1e308))) == lead
     # Without a readable entity name it is not known to be another entity.
     assert reason(SF, bare(header(entityName=None))) == "bad_header"
@@ -795,8 +797,9 @@ def test_truncate_and_logical_messages_are_ignored_and_feed_the_clock(op):
     assert one(SO, {"op": op}) == Ignored(SO, 2, 7, f"op_{op}", None)
     for bad in ("x", None, {"ts_ms": "1"}, {"ts_ms": 1.5}, {"ts_ms": True}):
         assert one(SO, {"op": op, "source": bad}) == Ignored(SO, 2, 7, f"op_{op}", None)
-    for big in (-(2**70), 2**64 + 1):  # exact beyond 64 bits, as the reference reads them
-        assert one(SO, {"op": op, "source": {"ts_ms": big}}) == Ignored(SO, 2, 7, f"op_{op}", big)
+    # Beyond the event-time range (years 1 to 9999, 64 bits or not): no time.
+    for big in (-(2**70), 2**64 + 1, 10**17, 253_402_300_800_000):
+        assert one(SO, {"op": op, "source": {"ts_ms": big}}) == Ignored(SO, 2, 7, f"op_{op}", None)
     # A float literal that orjson and the standard library both read as a float: no time.
     assert one(SO, {"op": op, "source": {"ts_ms": 1e308}}) == Ignored(SO, 2, 7, f"op_{op}", None)
 
