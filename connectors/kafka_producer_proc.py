@@ -20,6 +20,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
+import signal
 from collections.abc import Iterable
 from typing import Any
 
@@ -35,7 +36,14 @@ _READY_TIMEOUT_S = 60.0
 
 
 def _serve(conn: Any, config: dict[str, Any], bootstrap: str, nice: int = 0) -> None:
-    """Child: run one producer; answer flush/close with (ok, failure text or None)."""
+    """Child: run one producer; answer flush/close with (ok, failure text or None).
+
+    It ignores SIGINT and SIGTERM: Ctrl-C in a terminal, and service managers that stop
+    a whole process group, signal it together with the flow, which must still flush
+    through it before it closes the pipe (or dies, EOF below).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     lower_process(nice)  # background work: the worker thread keeps its core
     from kafka import KafkaProducer
     from kafka.errors import KafkaError

@@ -90,6 +90,33 @@ class TopicSettings(_Section):
         """All output topic names."""
         return [self.out_inventory, self.out_orders, self.out_exceptions, self.dlq]
 
+    @model_validator(mode="after")
+    def _one_role_per_topic(self) -> TopicSettings:
+        """Every topic has its own name: two input roles on one topic would read it as one
+        of them only (the other's messages all dead letters), and an output that is an input
+        would read sferp's own records back (the DLQ's without end). Outputs may not be
+        empty; an empty input is not read, but one input at least is needed."""
+        # ConfigError, not ValueError: pydantic lets it through, naming the setting.
+        seen: dict[str, str] = {}
+        for name in type(self).model_fields:
+            topic = getattr(self, name)
+            if not topic:
+                if name.startswith("out_") or name == "dlq":
+                    raise ConfigError(f"topics.{name}: an output topic needs a name")
+                continue
+            if topic in seen:
+                raise ConfigError(
+                    f"topics.{name}: {topic!r} is already topics.{seen[topic]}; "
+                    "every input and output topic needs its own name"
+                )
+            seen[topic] = name
+        if not self.input_roles():
+            raise ConfigError(
+                "topics: sf_cdc, erp_items, erp_inventory and erp_sales_orders are all empty: "
+                "nothing to read"
+            )
+        return self
+
 
 class FlowSettings(_Section):
     """Event-time rules of CONTRACT §2 and operational intervals."""

@@ -69,6 +69,15 @@ def test_env_list_setting():
         ("[flow]\nreturn_freed_memory = 'sometimes'\n", "flow.return_freed_memory"),
         ("[kafka]\nsasl_password = 'hunter2'\n", "kafka.sasl_password"),
         ("not toml [", "TOML"),
+        # one role per topic: a DLQ on an input topic read its own records back forever
+        ("[topics]\ndlq = 'sf.cdc'\n", "topics.dlq"),
+        ("[topics]\nerp_items = 'sf.cdc'\n", "topics.erp_items"),
+        ("[topics]\nout_exceptions = 'reconciled.orders'\n", "topics.out_exceptions"),
+        ("[topics]\nout_orders = ''\n", "topics.out_orders"),
+        (
+            "[topics]\nsf_cdc = ''\nerp_items = ''\nerp_inventory = ''\nerp_sales_orders = ''\n",
+            "nothing to read",
+        ),
     ],
 )
 def test_bad_configuration_names_the_setting(tmp_path, text, needle):

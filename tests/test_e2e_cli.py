@@ -94,11 +94,16 @@ def live_sferp_run(broker, config, views_path, **kw):
             proc.communicate()
 
 
-def stop_cleanly(proc) -> str:
-    """SIGTERM: the run drains, flushes, snapshots and exits 0. Returns its stderr."""
-    proc.send_signal(signal.SIGTERM)
+def stop_cleanly(proc, ctrl_c: bool = False) -> str:
+    """SIGTERM (or, with `ctrl_c`, SIGINT to the whole process group, as a terminal's
+    Ctrl-C sends it): the run drains, flushes, snapshots and exits 0. Returns its stderr."""
+    if ctrl_c:
+        os.killpg(proc.pid, signal.SIGINT)  # the run and its producer child alike
+    else:
+        proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err[-3000:]
+    assert "panicked" not in err and "Traceback" not in err, err[-3000:]
     return err
 
 
@@ -227,13 +232,13 @@ def test_bounded_run_reads_the_topics_that_exist(broker, topics, tmp_path):
         assert not any(views.flow_stats.get(names[role], {}).values())
 
 
-def test_live_run_is_queryable_and_stops_cleanly_on_sigterm(broker, world, tmp_path):
+def test_live_run_is_queryable_and_stops_cleanly_on_ctrl_c(broker, world, tmp_path):
     names, config = world
     views_path = tmp_path / "views.duckdb"
     first = gen_config(names, 300, seed=23)
     produce(first, broker.bootstrap, create_topics=False)
     env = dict(os.environ, SFERP_FLOW__SNAPSHOT_INTERVAL_S="1")
-    with live_sferp_run(broker, config, views_path, env=env) as proc:
+    with live_sferp_run(broker, config, views_path, env=env, start_new_session=True) as proc:
 
         def consumed():
             rows = query_rows(views_path, "SELECT sum(consumed) AS n FROM flow_stats")
@@ -247,7 +252,7 @@ def test_live_run_is_queryable_and_stops_cleanly_on_sigterm(broker, world, tmp_p
         n_second = sum(produce(second, broker.bootstrap, create_topics=False).values())
         total = _wait_for(lambda: (consumed() or 0) >= n_first + n_second and consumed())
         assert total == n_first + n_second
-        stop_cleanly(proc)
+        stop_cleanly(proc, ctrl_c=True)
     views = load_views(views_path)
     assert sum(s["consumed"] for s in views.flow_stats.values()) == n_first + n_second
     assert views.order_status and views.records
