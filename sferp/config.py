@@ -26,12 +26,24 @@ from pydantic import (
 ENV_PREFIX = "SFERP_"
 
 
+# Upper bound of interval settings: larger values overflowed timers (OverflowError).
+DAY_S = 86_400
+# Upper bound of memory limits in MB (2^32 MB = 4 PiB; DuckDB refused far larger values).
+MAX_MEMORY_MB = 2**32
+
+
+def is_host_port(text: str) -> bool:
+    """True for `HOST:PORT` with a port from 1 to 65535."""
+    host, sep, port = text.rpartition(":")
+    return bool(sep and host and port.isdigit() and 1 <= int(port) <= 65535)
+
+
 class ConfigError(Exception):
     """Bad configuration: the message is one line naming the setting (exit code 2)."""
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class KafkaSettings(_Section):
@@ -58,8 +70,7 @@ class KafkaSettings(_Section):
     @classmethod
     def _bootstrap_has_port(cls, v: str) -> str:
         for hp in v.split(","):
-            host, sep, port = hp.strip().rpartition(":")
-            if not sep or not host or not port.isdigit():
+            if not is_host_port(hp.strip()):
                 raise ValueError(f"expected HOST:PORT[,HOST:PORT...], got {v!r}")
         return v
 
@@ -127,7 +138,7 @@ class FlowSettings(_Section):
     max_future_skew_s: int = Field(300, ge=0)
     max_message_bytes: int = Field(1_048_576, ge=1)
     max_fields: int = Field(1000, ge=1)  # fields of one event body or row image (too_many_fields)
-    snapshot_interval_s: float = Field(5, gt=0)
+    snapshot_interval_s: float = Field(5, gt=0, le=DAY_S)
     batch_size: int = Field(8000, ge=1)
     # Live reading: each partition's records wait for the next multiple of this on the wall
     # clock, so all partitions hand over together (fewer, larger batches; README "Performance").
@@ -143,9 +154,9 @@ class FlowSettings(_Section):
 class ViewSettings(_Section):
     """Where the DuckDB views live, and how much memory DuckDB may keep for them."""
 
-    path: str = "data/views.duckdb"
+    path: str = Field("data/views.duckdb", min_length=1)
     # DuckDB's memory_limit in the writer's process (DuckDB's default: 80 % of RAM).
-    memory_limit_mb: int = Field(256, ge=64)
+    memory_limit_mb: int = Field(256, ge=64, le=MAX_MEMORY_MB)
 
 
 class MetricsSettings(_Section):
@@ -154,7 +165,7 @@ class MetricsSettings(_Section):
     port: int = Field(9464, ge=0, le=65535)
     bind: str = "127.0.0.1"
     ready_max_lag: int = Field(1000, ge=0)  # /readyz: at most this many messages behind
-    poll_interval_s: float = Field(5, gt=0)  # how often end offsets are read for lag
+    poll_interval_s: float = Field(5, gt=0, le=DAY_S)  # how often end offsets are read for lag
 
 
 class SalesforceSettings(_Section):
@@ -176,14 +187,14 @@ class SalesforceSettings(_Section):
     session_id_file: str = ""
     ca_bundle: str = ""
     poll_objects: list[str] = Field(default_factory=list)
-    poll_interval_s: float = Field(30, gt=0)
+    poll_interval_s: float = Field(30, gt=0, le=DAY_S)
     lookback_s: int = Field(300, ge=0)
     writeback: bool = False
     api_reserve_fraction: float = Field(0.2, ge=0, le=1)
     # Beyond CONTRACT §4.1 (README "Connecting to Salesforce").
     login_url: str = "https://login.salesforce.com"  # JWT audience; test.salesforce.com: sandbox
     client_id: str = "sferp"  # Sforce-Call-Options client: marks write-back echoes in CDC
-    timeout_s: float = Field(30, gt=0)
+    timeout_s: float = Field(30, gt=0, le=DAY_S)
     calls_per_minute: float = Field(60, gt=0)
     bulk_threshold: int = Field(10_000, ge=0)
     writeback_order_no_field: str = "ERP_Order_No__c"
@@ -206,15 +217,17 @@ class ErpExtractSettings(_Section):
 
     path: str = ""  # directory of extract files; empty: no extracts
     tables: list[str] = Field(default_factory=lambda: list(EXTRACT_TABLES))
-    poll_interval_s: float = Field(10, gt=0)
+    poll_interval_s: float = Field(10, gt=0, le=DAY_S)
     format: Literal["auto", "csv", "parquet", "jsonl"] = "auto"
     bad_row_tolerance: float = Field(0.0, ge=0, lt=1)  # fraction of a file's rows
     file_pattern: str = DEFAULT_EXTRACT_PATTERN
     delete_column: str = "_deleted"
     csv_delimiter: str = Field(",", min_length=1, max_length=1)
     state_dir: str = ""  # empty: <views path>.extracts
-    memory_limit_mb: int = Field(256, ge=64)
-    settle_s: float = Field(2.0, ge=0)  # newer files wait this long (still being written?)
+    memory_limit_mb: int = Field(256, ge=64, le=MAX_MEMORY_MB)
+    settle_s: float = Field(
+        2.0, ge=0, le=DAY_S
+    )  # newer files wait this long (still being written?)
 
     @field_validator("tables")
     @classmethod
@@ -314,6 +327,8 @@ class Settings(_Section):
                 return Path(path).read_text().strip()
             except OSError as e:
                 raise ConfigError(f"{section}.{name}_file: cannot read {path}: {e.strerror}") from e
+            except UnicodeDecodeError:  # never the bytes: they are the secret
+                raise ConfigError(f"{section}.{name}_file: {path} is not UTF-8 text") from None
         return None
 
     def kafka_client_config(self) -> dict[str, Any]:
@@ -524,6 +539,10 @@ def load_settings(
             raise ConfigError(f"--config: file not found: {path}") from e
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"--config: {path} is not valid TOML: {e}") from e
+        except UnicodeDecodeError as e:  # TOML is UTF-8
+            raise ConfigError(f"--config: {path} is not UTF-8 text: {e.reason}") from e
+        except OSError as e:  # a directory, no permission...
+            raise ConfigError(f"--config: cannot read {path}: {e.strerror or e}") from e
         for section, values in data.items():
             if isinstance(values, dict):
                 for key in values:

@@ -41,7 +41,7 @@ from sferp.connectors.query_server import (
     endpoint_path,
     execute_read_only,
 )
-from sferp.usage import OneLineParser
+from sferp.usage import OneLineParser, row_limit, timeout_seconds
 
 DEFAULT_VIEWS = "data/views.duckdb"
 FORMATS = ("table", "csv", "json")
@@ -333,12 +333,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", choices=FORMATS, default="table", help="output format")
     parser.add_argument(
         "--max-rows",
-        type=int,
+        type=row_limit,
         default=None,
         help="row limit (default: none; a running flow answers at most 1,000,000 rows)",
     )
     parser.add_argument(
-        "--timeout", type=float, default=30.0, help="seconds before the query is interrupted"
+        "--timeout",
+        type=timeout_seconds,
+        default=30.0,
+        help="seconds before the query is interrupted",
     )
     return parser
 
@@ -349,7 +352,4 @@ def cli_query(argv: list[str]) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on bad usage (0 for --help)
         return int(exc.code or 0)
-    if args.timeout <= 0:
-        print("sferp query: --timeout must be positive", file=sys.stderr)
-        return 2
     return run_query(args.sql, args.views, args.format, args.max_rows, timeout_s=args.timeout)

@@ -13,6 +13,7 @@ import gc
 import logging
 import signal
 import sys
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sferp import recovery as _recovery
-from sferp.config import ConfigError, Settings, load_settings
+from sferp.config import ConfigError, Settings, is_host_port, load_settings
 
 log = logging.getLogger("sferp")
 
@@ -51,11 +52,11 @@ class RunOptions:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Settings from --config, the environment and the flags (flags win)."""
     overrides: dict[str, dict[str, Any]] = {}
-    if args.bootstrap:
+    if args.bootstrap is not None:  # an empty flag is an error, not "unset"
         overrides.setdefault("kafka", {})["bootstrap"] = args.bootstrap
     if getattr(args, "start", None):
         overrides.setdefault("kafka", {})["start"] = args.start
-    if args.views:
+    if args.views is not None:
         overrides.setdefault("views", {})["path"] = args.views
     return load_settings(args.config, overrides=overrides)
 
@@ -70,6 +71,9 @@ def run_command(args: argparse.Namespace) -> int:
         raise ConfigError("-i/--process-id and -a/--addresses: give both or neither")
     if addresses and not 0 <= args.process_id < len(addresses):
         raise ConfigError(f"-i/--process-id: must be between 0 and {len(addresses) - 1}")
+    for address in addresses or ():
+        if not is_host_port(address):
+            raise ConfigError(f"-a/--addresses: expected 'HOST:PORT;HOST:PORT...', got {address!r}")
     _setup_logging(args.log_format)
     opts = RunOptions(
         bounded=args.until_caught_up,
@@ -80,6 +84,27 @@ def run_command(args: argparse.Namespace) -> int:
         addresses=addresses,
     )
     return run_flow(settings, opts)
+
+
+def check_views_path(path: str) -> None:
+    """Raise ConfigError naming `views.path` unless the views file can be opened for writing.
+
+    Checked by trying (a scratch file beside it, or opening the file itself), because
+    permission bits do not tell for root, read-only mounts or /proc.
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"views.path: {path} is a directory")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if p.exists():
+            with open(p, "r+b"):
+                pass
+        else:
+            with tempfile.NamedTemporaryFile(dir=p.parent, prefix=f".{p.name}."):
+                pass
+    except OSError as e:
+        raise ConfigError(f"views.path: cannot write {path}: {e.strerror or e}") from None
 
 
 def _setup_logging(fmt: str) -> None:
@@ -144,6 +169,9 @@ def run_flow(settings: Settings, opts: RunOptions) -> int:
         # Fail with one clear line before Bytewax starts (it reports errors raised
         # inside workers as a panic with a backtrace).
         from sferp.connectors.kafka import list_partitions
+
+        if opts.process_id in (None, 0):  # the process that writes the views
+            check_views_path(opts.views_path or settings.views.path)
 
         list_partitions(
             settings.kafka.bootstrap,

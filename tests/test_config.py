@@ -70,6 +70,10 @@ def test_env_list_setting():
         ("[kafka]\nsasl_password = 'hunter2'\n", "kafka.sasl_password"),
         ("not toml [", "TOML"),
         # one role per topic: a DLQ on an input topic read its own records back forever
+        ("[flow]\nsnapshot_interval_s = inf\n", "flow.snapshot_interval_s"),
+        ("[flow]\nsnapshot_interval_s = 1e300\n", "flow.snapshot_interval_s"),
+        ("[metrics]\npoll_interval_s = nan\n", "metrics.poll_interval_s"),
+        ("[views]\nmemory_limit_mb = 99999999999999999\n", "views.memory_limit_mb"),
         ("[topics]\ndlq = 'sf.cdc'\n", "topics.dlq"),
         ("[topics]\nerp_items = 'sf.cdc'\n", "topics.erp_items"),
         ("[topics]\nout_exceptions = 'reconciled.orders'\n", "topics.out_exceptions"),
@@ -123,6 +127,34 @@ def test_sasl_without_password_is_a_config_error():
         s.kafka_client_config()
 
 
+@pytest.mark.parametrize("kind", ["directory", "not utf-8"])
+def test_a_config_file_that_cannot_be_read_is_a_config_error(tmp_path, kind):
+    path = tmp_path / "sferp.toml"
+    if kind == "directory":
+        path.mkdir()
+    else:
+        path.write_bytes(b"\xff\xfe[flow]\n")
+    with pytest.raises(ConfigError, match="--config") as e:
+        load_settings(path, environ={})
+    assert "\n" not in str(e.value)
+
+
+def test_a_secret_file_that_is_not_text_is_named_and_not_shown(tmp_path):
+    secret = tmp_path / "pw"
+    secret.write_bytes(b"\xffhunter2")
+    s = load_settings(
+        environ={
+            "SFERP_KAFKA__SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+            "SFERP_KAFKA__SASL_MECHANISM": "PLAIN",
+            "SFERP_KAFKA__SASL_USERNAME": "svc",
+            "SFERP_KAFKA__SASL_PASSWORD_FILE": str(secret),
+        }
+    )
+    with pytest.raises(ConfigError, match="kafka.sasl_password_file") as e:
+        s.kafka_client_config()
+    assert "hunter2" not in str(e.value)
+
+
 def test_cli_bad_config_exits_2_with_one_line(tmp_path):
     f = write(tmp_path, "[flow]\nunknown_knob = 3\n")
     r = subprocess.run(
@@ -152,6 +184,12 @@ def test_cli_bad_config_exits_2_with_one_line(tmp_path):
         ["generate"],
         ["plan"],
         ["bench", "--bogus"],
+        ["query", "SELECT 1", "--timeout", "inf"],
+        ["query", "SELECT 1", "--timeout", "nan"],
+        ["query", "SELECT 1", "--timeout", "0"],
+        ["query", "SELECT 1", "--max-rows", "99999999999999999999"],
+        ["query", "SELECT 1", "--max-rows", "0"],
+        ["decrypt", "SELECT 1", "--timeout", "-1"],
     ],
 )
 def test_every_usage_error_is_one_line_and_exit_2(argv):
@@ -162,6 +200,34 @@ def test_every_usage_error_is_one_line_and_exit_2(argv):
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == 2 and len(lines) == 1, (argv, r.stderr)
     assert lines[0].startswith("sferp") and "usage:" not in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--views", "{dir}"], "views.path: {dir} is a directory"),
+        (["--views", "{file}/views.duckdb"], "views.path: cannot write"),
+        (["--views", ""], "views.path"),
+        (["--bootstrap", ""], "kafka.bootstrap"),
+        (["--bootstrap", "127.0.0.1:99999"], "kafka.bootstrap"),
+        (["-i", "0", "-a", "127.0.0.1:7000;notanaddr"], "-a/--addresses"),
+    ],
+)
+def test_run_refuses_unusable_flags_before_it_starts(tmp_path, extra, needle):
+    """One line and exit 2 before the dataflow starts (a views file that cannot be opened
+    failed inside it, as a Rust panic with a backtrace, once messages were read)."""
+    (tmp_path / "a-file").write_text("x")
+    subs = {"dir": str(tmp_path), "file": str(tmp_path / "a-file")}
+    argv = [a.format(**subs) for a in extra]
+    r = subprocess.run(
+        [sys.executable, "-m", "sferp", "run", "--until-caught-up", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert needle.format(**subs) in lines[0]
 
 
 def test_cli_usage_errors_exit_2():
