@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import re
-from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal, InvalidOperation
+from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal
 from typing import Any
 
 import orjson
@@ -252,12 +252,18 @@ def _within(obj: Any, budget: int) -> bool:
 # --- numbers ---------------------------------------------------------------
 
 
+# A plain decimal as JSON and Debezium's string mode write one: ASCII digits, an
+# optional sign, point and exponent (surrounding spaces allowed, as before). Python's
+# Decimal() alone also took underscores ("1_000") and other scripts' digits ("١٢"
+# became 12).
+_DECIMAL_TEXT = re.compile(
+    r"[ \t\n\r]*[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?[ \t\n\r]*"
+)
+
+
 def is_decimal_string(s: str) -> bool:
-    """A string that parses as a finite decimal (`"12.50"`, `"-3"`, `"1.2E+3"`)."""
-    try:
-        return Decimal(s).is_finite()
-    except (InvalidOperation, ValueError):
-        return False
+    """A string holding a plain finite decimal (`"12.50"`, `"-3"`, `"1.2E+3"`, `" 2.5 "`)."""
+    return _DECIMAL_TEXT.fullmatch(s) is not None
 
 
 # What the typed view columns hold (docs/semantics.md §1): an amount must round

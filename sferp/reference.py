@@ -18,7 +18,7 @@ import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from decimal import ROUND_HALF_EVEN, Context, Decimal, InvalidOperation
+from decimal import ROUND_HALF_EVEN, Context, Decimal
 from typing import Any
 
 import orjson
@@ -338,6 +338,11 @@ def _fits_view(name: str, value: Any) -> bool:
     return abs(exact) < limit
 
 
+_PLAIN_DECIMAL = re.compile(
+    r"[ \t\n\r]*[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?[ \t\n\r]*"
+)
+
+
 def _is_number(value: Any) -> bool:
     """A JSON number (not bool, finite) or a string parsing as a finite decimal."""
     kind = type(value)
@@ -345,11 +350,8 @@ def _is_number(value: Any) -> bool:
         return True
     if kind is float:
         return math.isfinite(value)
-    if kind is str:
-        try:
-            return Decimal(value).is_finite()
-        except InvalidOperation:
-            return False
+    if kind is str:  # plain ASCII decimal syntax (docs/semantics.md §1)
+        return _PLAIN_DECIMAL.fullmatch(value) is not None
     return False
 
 

@@ -120,3 +120,25 @@ def test_an_ignored_event_moves_the_clock_only_with_a_time_in_range(ts, overdue,
     assert (("HANDOFF_OVERDUE", ORDER) in views.open_exceptions) is overdue
     assert views.dead_letters == set()
     assert views.flow_stats[SF]["ignored"] == 1 and views.flow_stats[SO]["ignored"] == 1
+
+
+@pytest.mark.parametrize(
+    "text, ok", [("12", True), (" 12.50 ", True), ("1.2E+1", True), ("١٢", False), ("1_000", False)]
+)
+def test_a_decimal_string_is_plain_ascii_decimal_syntax(text, ok, tmp_path):
+    """Python's Decimal() also read other scripts' digits and underscores as numbers."""
+    row = {"sku": "S1", "warehouse": "W1", "qty_on_hand": text, "qty_allocated": 0}
+    views = flow_and_reference(
+        [
+            (
+                "erp.public.inventory",
+                {"sku": "S1", "warehouse": "W1"},
+                erp_event("c", "inventory", row, 3),
+            )
+        ],
+        tmp_path,
+    )
+    if ok:
+        assert views.dead_letters == set() and views.inventory_live["S1"].on_hand > 0
+    else:
+        assert {r[3] for r in views.dead_letters} == {"bad_number"} and views.inventory_live == {}
