@@ -141,11 +141,20 @@ def api_config(settings: Settings) -> ApiConfig:
     if s.auth == "jwt":
         need("username", "consumer_key", "private_key_file")
         try:
-            Path(s.private_key_file).read_bytes()
+            pem = Path(s.private_key_file).read_bytes()
         except OSError as e:
             raise ConfigError(
                 f"salesforce.private_key_file: cannot read {s.private_key_file}: {e.strerror}"
             ) from e
+        try:  # what the JWT bearer flow signs with (RS256): checked now, not at the login
+            from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+            load_pem_private_key(pem, password=None)
+        except (ValueError, TypeError):
+            raise ConfigError(
+                f"salesforce.private_key_file: {s.private_key_file} is not an unencrypted "
+                "PEM private key (the connected app's certificate key)"
+            ) from None
         aud = urlparse(s.login_url)
         if aud.scheme != "https" or not aud.hostname:
             raise ConfigError(f"salesforce.login_url: expected an https URL, got {s.login_url!r}")
@@ -179,6 +188,22 @@ def api_config(settings: Settings) -> ApiConfig:
         reserve_fraction=s.api_reserve_fraction,
         secrets=secrets,
     )
+
+
+def auth_failure_text(exc: SalesforceAuthenticationFailed) -> str:
+    """Salesforce's own explanation of a failed login (its `error_description`).
+
+    simple-salesforce 1.12.10 keeps it in `auth_message`, earlier releases in
+    `message`, which later releases made the class's template ("... {content}").
+    """
+    text = getattr(exc, "auth_message", None)
+    if not isinstance(text, str):
+        text = str(getattr(exc, "message", "") or "")
+        if "{content}" in text:
+            content = getattr(exc, "content", b"")
+            is_bytes = isinstance(content, bytes)
+            text = content.decode("utf-8", "replace") if is_bytes else str(content)
+    return " ".join(text.split())[:300]
 
 
 class CallError(Exception):
@@ -399,7 +424,7 @@ def classify(exc: BaseException) -> CallError:
     if isinstance(exc, requests.exceptions.ConnectionError):
         return CallError("CONNECTION_ERROR", type(exc).__name__, retryable=True, ambiguous=True)
     if isinstance(exc, SalesforceAuthenticationFailed):
-        return CallError(f"LOGIN_FAILED:{exc.code}", str(exc.message)[:300], retryable=True)
+        return CallError(f"LOGIN_FAILED:{exc.code}", auth_failure_text(exc), retryable=True)
     if isinstance(exc, SalesforceError):
         code, msg = _error_body(exc.content)
         status = exc.status
@@ -808,7 +833,7 @@ def preflight(settings: Settings) -> None:
     except SalesforceAuthenticationFailed as e:
         raise ConfigError(
             f"salesforce.auth: {cfg.auth} login to {cfg.instance_url} failed: {e.code}: "
-            f"{str(e.message)[:200]}"
+            f"{auth_failure_text(e)[:200]}"
         ) from None
     except CallError as e:
         if e.code == "INVALID_SESSION_ID":

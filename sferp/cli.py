@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from sferp.config import ConfigError
-from sferp.usage import OneLineParser
+from sferp.usage import OneLineParser, int_between
 
 USAGE = """sferp <command> [options]
 
@@ -97,7 +97,11 @@ def _root_message(e: BaseException) -> str:
     cur: BaseException | None = e
     while cur is not None and cur not in chain:
         chain.append(cur)
-        cur = cur.__cause__ or cur.__context__
+        # `raise ... from None` ends the chain there: what it hides is not the reason
+        if cur.__cause__ is not None:
+            cur = cur.__cause__
+        else:
+            cur = None if cur.__suppress_context__ else cur.__context__
     for exc in reversed(chain):
         if isinstance(exc, KafkaConnectorError | BrokerError):
             return str(exc).splitlines()[0]
@@ -134,7 +138,7 @@ def _dispatch(cmd: str, rest: list[str]) -> int:
         from sferp.broker import run_foreground
 
         p = OneLineParser(prog="sferp broker", description="Run the embedded broker.")
-        p.add_argument("--port", type=int, default=9092)
+        p.add_argument("--port", type=int_between(0, 65535), default=9092)
         return run_foreground(p.parse_args(rest).port)
     if cmd in ("bench", "plan"):
         try:

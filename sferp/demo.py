@@ -23,7 +23,7 @@ from sferp.generator import GeneratorConfig, generate, produce
 from sferp.query import run_query
 from sferp.reference import ReferenceConfig, compute
 from sferp.runner import RunOptions, run_flow
-from sferp.usage import OneLineParser
+from sferp.usage import OneLineParser, int_between
 
 QUERIES = [
     (
@@ -64,7 +64,7 @@ def generated_messages(cfg: GeneratorConfig) -> list[RawMessage]:
 def cli_demo(argv: list[str]) -> int:
     """Run the demo; exit 0 when the views equal the reference model."""
     p = OneLineParser(prog="sferp demo", description=__doc__)
-    p.add_argument("--orders", type=int, default=3000)
+    p.add_argument("--orders", type=int_between(0), default=3000)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--views", default="data/views.duckdb")
     args = p.parse_args(argv)

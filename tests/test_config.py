@@ -190,6 +190,9 @@ def test_cli_bad_config_exits_2_with_one_line(tmp_path):
         ["query", "SELECT 1", "--max-rows", "99999999999999999999"],
         ["query", "SELECT 1", "--max-rows", "0"],
         ["decrypt", "SELECT 1", "--timeout", "-1"],
+        ["broker", "--port", "99999"],
+        ["demo", "--orders", "-5"],
+        ["run", "-i", "0", "-a", "notanaddr"],
     ],
 )
 def test_every_usage_error_is_one_line_and_exit_2(argv):
@@ -239,3 +242,28 @@ def test_cli_usage_errors_exit_2():
     )
     assert r.returncode == 2
     assert "addresses" in r.stderr
+
+
+def test_the_one_line_error_is_sferps_own_message_not_what_it_hides():
+    """`raise ... from None` ends the chain: the line named a ConnectionRefusedError
+    where sferp had said which Salesforce it could not reach."""
+    from sferp.cli import _root_message
+
+    def hidden() -> None:
+        try:
+            raise ConnectionRefusedError(111, "Connection refused")
+        except OSError:
+            raise RuntimeError("cannot reach Salesforce at https://x.example") from None
+
+    try:
+        hidden()
+    except RuntimeError as e:
+        line = _root_message(e)
+    assert "cannot reach Salesforce at https://x.example" in line and "refused" not in line
+    try:  # an explicit cause is still followed to its root
+        try:
+            raise ValueError("the root")
+        except ValueError as inner:
+            raise RuntimeError("wrapper") from inner
+    except RuntimeError as e:
+        assert "the root" in _root_message(e)

@@ -261,6 +261,11 @@ def test_settings_are_validated_with_the_setting_named(tmp_path):
     key = tmp_path / "k.pem"
     with pytest.raises(ConfigError, match=r"salesforce\.private_key_file: cannot read"):
         cfg(**base, username="u", consumer_key="c", private_key_file=str(key))
+    key.write_text("127.0.0.1 localhost\n")  # a file that is no key
+    with pytest.raises(
+        ConfigError, match=r"salesforce\.private_key_file: .* not an unencrypted PEM"
+    ):
+        cfg(**base, username="u", consumer_key="c", private_key_file=str(key))
     with pytest.raises(ConfigError, match=r"salesforce\.consumer_secret: required") as e:
         cfg(**base, auth="client_credentials", consumer_key="c")
     assert "SFERP_SALESFORCE__CONSUMER_SECRET" in str(e.value)

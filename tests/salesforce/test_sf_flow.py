@@ -406,8 +406,10 @@ def test_sferp_run_polls_salesforce_end_to_end(broker, topics, fake_sf, tmp_path
         env=env | {"SFERP_SALESFORCE__CONSUMER_KEY": "not-the-app"},
     )
     assert bad.returncode == 2, bad.stderr
-    last = bad.stderr.strip().splitlines()[-1]
-    assert "salesforce.auth: jwt login" in last and "invalid_grant" in last
+    lines = [line for line in bad.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, bad.stderr  # one line, with Salesforce's own explanation
+    assert "salesforce.auth: jwt login" in lines[0] and "invalid_grant" in lines[0]
+    assert "authentication failure" in lines[0] and "{content}" not in lines[0]
     ok = subprocess.run(base, capture_output=True, text=True, timeout=300, env=env)
     assert ok.returncode == 0, ok.stderr[-3000:]
     v = load_views(views)
