@@ -370,7 +370,13 @@ class _Handler(BaseHTTPRequestHandler):
         except RefusedStatement as exc:
             self._reply(400, {"error": str(exc), "kind": "refused"})
         except QueryTimeout as exc:
-            self._reply(400, {"error": str(exc), "kind": "timeout"})
+            why = str(exc)
+            if timeout_s > owner.timeout_s:  # the caller asked for longer
+                why += (
+                    " (the running flow's limit; run longer queries on a copy of the views "
+                    "file or with the flow stopped)"
+                )
+            self._reply(400, {"error": why, "kind": "timeout"})
         except duckdb.Error as exc:
             self._reply(400, {"error": str(exc), "kind": "sql"})
         except Exception as exc:  # a bug here must not take the writer's process down

@@ -102,7 +102,9 @@ def run_query(
         return exc.code
     render(result, fmt, out)
     if result.truncated:
-        print(f"sferp query: output cut at {len(result.rows)} rows (row limit)", file=err)
+        n = len(result.rows)
+        why = "--max-rows" if max_rows is not None and n >= max_rows else "the running flow's limit"
+        print(f"sferp query: output cut at {n:,} rows (row limit: {why})", file=err)
     return 0
 
 

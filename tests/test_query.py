@@ -197,7 +197,7 @@ def test_row_limit(views: str) -> None:
     code, out, err = query("SELECT * FROM range(100)", views, "csv", max_rows=5)
     assert code == 0
     assert out.splitlines() == ["range", "0", "1", "2", "3", "4"]
-    assert "row limit" in err
+    assert "row limit: --max-rows" in err
     code, out, _ = query("SELECT * FROM range(5)", views, "table", max_rows=5)
     assert out.splitlines()[-1] == "(5 rows)"
 
@@ -224,6 +224,19 @@ def test_server_row_cap(tmp_path: Path) -> None:
     try:
         res = fetch("SELECT * FROM range(10)", str(path), max_rows=1000, timeout_s=5)
         assert len(res.rows) == 3 and res.truncated
+        code, _, err = query("SELECT * FROM range(10)", str(path), "csv", max_rows=1000)
+        assert code == 0 and "output cut at 3 rows (row limit: the running flow's limit)" in err
+    finally:
+        w.close()
+
+
+def test_server_time_cap_says_it_is_the_flows(tmp_path: Path) -> None:
+    path = tmp_path / "views.duckdb"
+    w = writer(path, query_timeout_s=0.2)
+    slow = "SELECT count(*) FROM range(10000000000) a"
+    try:
+        with pytest.raises(QueryFailed, match="interrupted after 0.2 s .the running flow's limit"):
+            fetch(slow, str(path), max_rows=10, timeout_s=60)
     finally:
         w.close()
 
