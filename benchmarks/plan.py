@@ -184,7 +184,9 @@ def render(pl: dict[str, Any], results: dict[str, Any], source: Path) -> str:
         "assumes: the benchmark's event mix (5 % duplicates, 20 % disorder); latency measured "
         "with one process at 50 % and 80 % load, interpolated to the planned load"
     )
-    lines.append(f"from: {source} ({results.get('mode')} run of {results.get('started_at')})")
+    lines.append(
+        f"from: {_shown(source)} ({results.get('mode')} run of {results.get('started_at')})"
+    )
     other = pl.get("other_load")
     if other is not None and other > 0.15:
         lines.append(
@@ -192,6 +194,14 @@ def render(pl: dict[str, Any], results: dict[str, Any], source: Path) -> str:
             "measured; re-run 'make bench' on a quiet machine for firmer numbers"
         )
     return "\n".join(lines)
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the working directory when it lies below it, else as given."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def cli_plan(argv: list[str], results_dir: Path) -> int:
@@ -219,9 +229,17 @@ def cli_plan(argv: list[str], results_dir: Path) -> int:
     try:
         results = orjson.loads(source.read_bytes())
         results["variants"]["sferp_1w"]["events_per_s"]
-    except (OSError, orjson.JSONDecodeError, KeyError, TypeError) as exc:
+    except OSError as exc:
+        print(f"sferp plan: --results: cannot read {source}: {exc.strerror}", file=sys.stderr)
+        return 2
+    except orjson.JSONDecodeError:
+        print(f"sferp plan: --results: {source} is not JSON", file=sys.stderr)
+        return 2
+    except (KeyError, TypeError):
         print(
-            f"sferp plan: --results: {source} is not a usable results file ({exc})", file=sys.stderr
+            f"sferp plan: --results: {source} has no 1-worker result "
+            "(variants.sferp_1w.events_per_s): not a results file of 'sferp bench'",
+            file=sys.stderr,
         )
         return 2
     print(render(plan(results, args.peak, args.max_load), results, source))

@@ -52,7 +52,13 @@ from typing import IO, Any
 import duckdb
 import orjson
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -69,6 +75,10 @@ from sferp.connectors.query_server import TOKEN_HEADER, endpoint_path
 from sferp.events import RawMessage
 from sferp.operators.facts import GLOBAL_IN, TICK
 from sferp.stage_time import StageClock
+
+# No `<name>_created` series beside the histogram's (prometheus_client's default): they
+# were the only ones, undocumented, and Prometheus does not need them.
+disable_created_metrics()
 
 log = logging.getLogger("sferp.metrics")
 

@@ -237,12 +237,13 @@ def _run_prepared(
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, stop)
     log.info(
-        "starting: bootstrap=%s views=%s bounded=%s workers=%d process=%s",
+        "starting: bootstrap=%s views=%s bounded=%s workers=%d process=%d of %d",
         settings.kafka.bootstrap,
         views_path,
         opts.bounded,
         opts.workers_per_process,
-        opts.process_id,
+        opts.process_id or 0,
+        len(opts.addresses or [None]),
     )
     monitor.start()
     try:

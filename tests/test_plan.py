@@ -98,6 +98,17 @@ def test_cli_bad_usage_exits_2_with_one_line(args, word):
     assert len(r.stderr.strip().splitlines()) == 1 and word in r.stderr
 
 
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [("{}", "has no 1-worker result"), ("not json", "is not JSON"), ('{"variants": 5}', "has no")],
+)
+def test_a_file_that_is_no_results_file_says_what_is_missing(tmp_path, content, says):
+    f = tmp_path / "r.json"
+    f.write_text(content)
+    r = _plan_cli("--peak", "100", "--results", str(f))
+    assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
 def test_default_results_are_the_newest_full_run(tmp_path):
     assert find_results(tmp_path) is None
     (tmp_path / "reference.json").write_text(json.dumps(results()))
