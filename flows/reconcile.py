@@ -108,6 +108,26 @@ class FlowOptions:
     kafka_outputs: bool = True
     source: Any = None  # a Bytewax source of list[RawMessage] items instead of Kafka (tests)
     metrics: Any = None  # a sferp.metrics.Monitor observing the flow's edges, or None
+    # Called when Bytewax lists the source's partitions: the cluster's processes are
+    # connected by then (sferp/runner.py watches signals until it is).
+    on_started: Callable[[], None] | None = None
+
+
+class _AnnouncingSource(FixedPartitionedSource):
+    """The flow's source, telling `on_started` when Bytewax first lists its partitions."""
+
+    def __init__(self, inner: FixedPartitionedSource, on_started: Callable[[], None]) -> None:
+        self._inner = inner
+        self._on_started = on_started
+
+    def list_parts(self) -> list[str]:
+        """The inner source's partitions, after the announcement."""
+        self._on_started()
+        return self._inner.list_parts()
+
+    def build_part(self, step_id: str, for_part: str, resume_state: Any) -> Any:
+        """The inner source's partition."""
+        return self._inner.build_part(step_id, for_part, resume_state)
 
 
 def make_router(cfg: DecodeConfig, *, live: bool, max_future_skew_ms: int) -> Any:
@@ -304,6 +324,8 @@ def build_flow(settings: Settings, opts: FlowOptions) -> Dataflow:
         stop_event=opts.stop_event,
         linger_ms=fs.linger_ms,
     )
+    if opts.on_started is not None and isinstance(source, FixedPartitionedSource):
+        source = _AnnouncingSource(source, opts.on_started)
     probe = opts.metrics
     # Busy time per stage (`sferp_worker_busy_seconds_total`), only with metrics.
     clock: StageClock | None = probe.stage_clock if probe is not None else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import signal
 import sys
 import tempfile
@@ -84,6 +85,39 @@ def run_command(args: argparse.Namespace) -> int:
         addresses=addresses,
     )
     return run_flow(settings, opts)
+
+
+def _stop_while_forming(formed: threading.Event, addresses: list[str], me: int) -> None:
+    """Let SIGTERM and SIGINT stop a cluster process that waits for its peers.
+
+    Bytewax connects the processes of a cluster before it runs any Python code,
+    holding the main thread, where Python runs signal handlers: a process whose
+    peers never came could not be stopped but with SIGKILL. The signals are also
+    written to a pipe (`signal.set_wakeup_fd`); a thread reads it and, while the
+    cluster has not formed, ends the process with exit 0: nothing was read or
+    written yet (the recovery store's lock is released with the process).
+    Afterwards the flow's own handler stops it cleanly.
+    """
+    others = ", ".join(a for i, a in enumerate(addresses) if i != me)
+    log.info("waiting for the other processes of the cluster (%s) to connect", others)
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    stops = {int(signal.SIGTERM), int(signal.SIGINT)}
+
+    def watch() -> None:
+        while got := os.read(read_fd, 64):
+            if not formed.is_set() and stops.intersection(got):
+                log.info(
+                    "received a stop signal before the other processes of the cluster (%s) "
+                    "connected: stopped, nothing was read",
+                    others,
+                )
+                logging.shutdown()
+                os._exit(0)
+            # once formed, the flow's own handler stops it: the bytes are only drained
+
+    threading.Thread(target=watch, name="sferp-cluster-wait", daemon=True).start()
 
 
 def check_views_path(path: str) -> None:
@@ -216,7 +250,16 @@ def _run_prepared(
         workers=opts.workers_per_process,
         resuming=resuming,
     )
+    formed = threading.Event()  # the cluster's processes are connected
+
+    def started() -> None:  # once per worker: the first one says it
+        if not formed.is_set():
+            formed.set()
+            if opts.addresses:
+                log.info("all %d processes of the cluster are connected", len(opts.addresses))
+
     flow_opts = FlowOptions(
+        on_started=started,
         bounded=opts.bounded,
         views_path=views_path,
         recovery=recovery_config is not None,
@@ -246,6 +289,8 @@ def _run_prepared(
         len(opts.addresses or [None]),
     )
     monitor.start()
+    if opts.addresses and opts.install_signals and previous:
+        _stop_while_forming(formed, opts.addresses, opts.process_id or 0)
     try:
         cli_main(
             flow,

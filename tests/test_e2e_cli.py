@@ -232,6 +232,38 @@ def test_bounded_run_reads_the_topics_that_exist(broker, topics, tmp_path):
         assert not any(views.flow_stats.get(names[role], {}).values())
 
 
+def test_a_cluster_process_waiting_for_its_peer_stops_on_sigterm(broker, world, tmp_path):
+    """Bytewax holds the main thread while the cluster connects, so the flow's handler
+    cannot run: before, only SIGKILL stopped a process whose peer never came."""
+    from clusterkit import free_port
+
+    _, config = world
+    addresses = f"127.0.0.1:{free_port()};127.0.0.1:{free_port()}"
+    cmd = [sys.executable, "-m", "sferp", "run", *run_args(broker, config, tmp_path / "v.duckdb")]
+    proc = subprocess.Popen(
+        [*cmd, "-i", "0", "-a", addresses],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, SFERP_METRICS__PORT="0"),
+    )
+    try:
+        deadline = time.monotonic() + 60
+        seen = ""
+        while "waiting for the other processes of the cluster" not in seen:
+            assert proc.poll() is None and time.monotonic() < deadline, seen
+            seen += proc.stderr.readline()
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, seen + err
+    assert "before the other processes of the cluster (127.0.0.1:" in err, seen + err
+
+
 def test_live_run_is_queryable_and_stops_cleanly_on_ctrl_c(broker, world, tmp_path):
     names, config = world
     views_path = tmp_path / "views.duckdb"
