@@ -92,6 +92,7 @@ def _root_message(e: BaseException) -> str:
     """
     from sferp.broker import BrokerError
     from sferp.connectors.kafka import KafkaConnectorError
+    from sferp.runner import ViewsInUse
 
     chain: list[BaseException] = []
     cur: BaseException | None = e
@@ -103,7 +104,7 @@ def _root_message(e: BaseException) -> str:
         else:
             cur = None if cur.__suppress_context__ else cur.__context__
     for exc in reversed(chain):
-        if isinstance(exc, KafkaConnectorError | BrokerError):
+        if isinstance(exc, KafkaConnectorError | BrokerError | ViewsInUse):
             return str(exc).splitlines()[0]
     first = str(chain[-1]).strip().splitlines()
     return f"{type(chain[-1]).__name__}: {first[0] if first else ''} (SFERP_DEBUG=1 for details)"

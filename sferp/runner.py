@@ -9,6 +9,7 @@ sinks flush, the last snapshot is written, and the process exits 0.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import gc
 import logging
 import os
@@ -16,6 +17,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -132,13 +134,40 @@ def check_views_path(path: str) -> None:
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
         if p.exists():
-            with open(p, "r+b"):
-                pass
+            with open(p, "r+b") as f:
+                _wait_unlocked(f.fileno(), path)
         else:
             with tempfile.NamedTemporaryFile(dir=p.parent, prefix=f".{p.name}."):
                 pass
     except OSError as e:
         raise ConfigError(f"views.path: cannot write {path}: {e.strerror or e}") from None
+
+
+class ViewsInUse(RuntimeError):
+    """Another process holds the views file (exit 1, one line)."""
+
+
+def _wait_unlocked(fd: int, path: str, wait_s: float = 10.0) -> None:
+    """Raise ViewsInUse while another process keeps DuckDB's lock on the file.
+
+    DuckDB locks its file with fcntl; a `sferp query` on a stopped flow holds it a
+    moment (waited for, as the writer does), another writer for good. Testing the
+    lock here fails at once, instead of after the flow read Kafka for a while.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):
+            if time.monotonic() > deadline:
+                raise ViewsInUse(
+                    f"views.path: {path} is in use by another process (another sferp run "
+                    "writing these views?): stop it, or give this run its own --views"
+                ) from None
+            time.sleep(0.2)
+        else:
+            fcntl.lockf(fd, fcntl.LOCK_UN)
+            return
 
 
 def _setup_logging(fmt: str) -> None:

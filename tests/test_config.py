@@ -267,3 +267,24 @@ def test_the_one_line_error_is_sferps_own_message_not_what_it_hides():
             raise RuntimeError("wrapper") from inner
     except RuntimeError as e:
         assert "the root" in _root_message(e)
+
+
+def test_a_views_file_another_process_writes_is_refused_before_the_flow_starts(tmp_path):
+    """Before, the second run read Kafka for a while, then failed on DuckDB's lock."""
+    import duckdb
+
+    views = tmp_path / "views.duckdb"
+    holder = duckdb.connect(str(views))  # as a running writer holds it
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "sferp", "run", "--until-caught-up", "--views", str(views)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        holder.close()
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert "views.path:" in lines[0] and "is in use by another process" in lines[0]
+    assert "Traceback" not in r.stderr and "kafka" not in lines[0].lower()
