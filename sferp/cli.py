@@ -27,6 +27,8 @@ commands:
   forget     erase one data subject from a stopped flow's views (GDPR erasure)
   decrypt    like query, with encrypted fields decrypted (needs the key ring)
   rekey      re-encrypt a stopped flow's encrypted values with the current key
+
+sferp --version prints the installed version.
 """
 
 
@@ -62,6 +64,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(2)
     if args[0] in ("-h", "--help", "help"):
         print(USAGE)
+        raise SystemExit(0)
+    if args[0] in ("-V", "--version", "version"):
+        from importlib import metadata
+
+        try:
+            print(f"sferp {metadata.version('sferp')}")
+        except metadata.PackageNotFoundError:  # run from a source tree that is not installed
+            print("sferp (version unknown: not installed)")
         raise SystemExit(0)
     cmd, rest = args[0], args[1:]
     if cmd in PRIVATE_FILES:

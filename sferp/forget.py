@@ -103,6 +103,10 @@ class Subject:
         try:
             obj = orjson.loads(text)
         except orjson.JSONDecodeError:
+            if text.startswith("{"):  # meant as a JSON key: a typo must not match by substring
+                raise ConfigError(
+                    "--erp-key: starts like a JSON key but is not valid JSON"
+                ) from None
             obj = None
         if isinstance(obj, dict):
             if not obj or not all(isinstance(v, str | int) for v in obj.values()):

@@ -1,5 +1,6 @@
 """Configuration: file, environment and flag precedence; unknown keys and secrets."""
 
+import re
 import subprocess
 import sys
 
@@ -231,6 +232,13 @@ def test_run_refuses_unusable_flags_before_it_starts(tmp_path, extra, needle):
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert needle.format(**subs) in lines[0]
+
+
+def test_version():
+    r = subprocess.run(
+        [sys.executable, "-m", "sferp", "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0 and re.fullmatch(r"sferp \d+\.\d+\.\d+\S*\n", r.stdout), r.stdout
 
 
 def test_cli_usage_errors_exit_2():

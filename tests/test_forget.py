@@ -262,3 +262,10 @@ def test_forget_needs_a_views_file(tmp_path) -> None:
     r = sferp("forget", "--salesforce-id", "001000000000001AAA", "--views", str(tmp_path / "x"))
     assert r.returncode == 2 and "no views file" in r.stderr
     assert os.path.exists(tmp_path / "x") is False
+
+
+def test_a_broken_json_erp_key_is_refused_not_matched_as_text(tmp_path) -> None:
+    """'{"order_no":' is a substring of every sales order's key: it must not be read as one."""
+    r = sferp("forget", "--erp-key", '{"order_no":', "--views", str(tmp_path / "x"))
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "--erp-key" in lines[0], r.stderr
