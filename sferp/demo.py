@@ -84,11 +84,13 @@ def cli_demo(argv: list[str]) -> int:
         counts = produce(gen, broker.bootstrap)
         print(f"generated {sum(counts.values()):,} change events for {args.orders:,} orders")
         t1 = time.monotonic()
-        run_flow(
-            settings,
-            RunOptions(bounded=True, views_path=str(views), install_signals=False),
-        )
+        # Ctrl-C stops the flow as it stops `sferp run` (drain, flush, close the views).
+        opts = RunOptions(bounded=True, views_path=str(views))
+        run_flow(settings, opts)
         flow_s = time.monotonic() - t1
+    if opts.stop_event.is_set():
+        print(f"sferp demo: interrupted; {views} holds what was read so far", file=sys.stderr)
+        return 130
     with duckdb.connect(str(views), read_only=True) as con:
         consumed = con.execute("SELECT sum(consumed) FROM flow_stats").fetchone()[0] or 0
     print(f"flow caught up: {consumed:,} messages in {flow_s:.1f} s\n")
