@@ -41,6 +41,7 @@ from typing import Any
 import orjson
 
 from sferp.broker import EmbeddedBroker
+from sferp.usage import int_between
 
 from . import latency, memory, procs, report, workload
 from .procs import Group, Measured
@@ -58,16 +59,6 @@ class _Parser(argparse.ArgumentParser):
         raise _Usage(message)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text.replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
-    return v
-
-
 def _positive_float(text: str) -> float:
     try:
         v = float(text)
@@ -82,15 +73,15 @@ def bench_parser() -> _Parser:
     """Arguments of `sferp bench`."""
     p = _Parser(prog="sferp bench", description="Throughput, latency and memory benchmarks.")
     p.add_argument("--quick", action="store_true", help="small smoke run (under a minute)")
-    p.add_argument("--events", type=_positive_int, help="messages in the main stream (1,000,000)")
-    p.add_argument("--partitions", type=_positive_int, default=3, help="partitions per topic")
+    p.add_argument("--events", type=int_between(1), help="messages in the main stream (1,000,000)")
+    p.add_argument("--partitions", type=int_between(1), default=3, help="partitions per topic")
     p.add_argument("--seed", type=int, default=42, help="generator seed")
     p.add_argument("--latency-seconds", type=_positive_float, help="length of each load phase (60)")
     p.add_argument(
         "--fill",
         help="live-record counts of the two memory runs, e.g. 100000,1000000",
     )
-    p.add_argument("--repeat", type=_positive_int, default=1, help="runs per throughput variant")
+    p.add_argument("--repeat", type=int_between(1), default=1, help="runs per throughput variant")
     p.add_argument("--out", help=f"directory for results (default {RESULTS_DIR})")
     p.add_argument("--name", help="results file stem (default: a UTC timestamp)")
     p.add_argument("--workdir", help="keep views, logs and recovery stores here")

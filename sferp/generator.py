@@ -35,6 +35,7 @@ import orjson
 from sferp.events import RawMessage
 from sferp.generator_mix import mix
 from sferp.generator_sim import Simulation
+from sferp.usage import int_between
 
 __all__ = [
     "BASE_TIME_MS",
@@ -381,26 +382,6 @@ def _fraction(text: str) -> float:
     return v
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
-    return v
-
-
-def _count(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {v}")
-    return v
-
-
 def _parser() -> _Parser:
     p = _Parser(
         prog="sferp generate",
@@ -415,11 +396,13 @@ def _parser() -> _Parser:
         default="items,inventory,sales_orders",
         help="tables exported as files with --extracts (default: all three)",
     )
-    p.add_argument("--orders", type=_count, default=1000, help="Salesforce orders (default 1000)")
+    p.add_argument(
+        "--orders", type=int_between(0), default=1000, help="Salesforce orders (default 1000)"
+    )
     p.add_argument("--duplicates", type=_fraction, default=0.05, help="fraction of exact copies")
     p.add_argument("--disorder", type=_fraction, default=0.10, help="fraction delivered late")
     p.add_argument("--bad", type=_fraction, default=0.01, help="fraction of malformed messages")
-    p.add_argument("--partitions", type=_positive_int, default=3, help="partitions per topic")
+    p.add_argument("--partitions", type=int_between(1), default=3, help="partitions per topic")
     p.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
     return p
 

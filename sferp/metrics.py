@@ -75,6 +75,7 @@ from sferp.connectors.query_server import TOKEN_HEADER, endpoint_path
 from sferp.events import RawMessage
 from sferp.operators.facts import GLOBAL_IN, TICK
 from sferp.stage_time import StageClock
+from sferp.wrapped_sink import WrappedSink
 
 # No `<name>_created` series beside the histogram's (prometheus_client's default): they
 # were the only ones, undocumented, and Prometheus does not need them.
@@ -941,11 +942,11 @@ def _version() -> str:
         return "unknown"
 
 
-class _ObservedViewsSink(FixedPartitionedSink):
+class _ObservedViewsSink(WrappedSink):
     """The DuckDB views sink, unchanged, with the monitor told about commits and snapshots."""
 
     def __init__(self, inner: Any, monitor: Monitor) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._m = monitor
         previous = inner.on_commit
 
@@ -955,14 +956,6 @@ class _ObservedViewsSink(FixedPartitionedSink):
             monitor.on_commit(metas)
 
         inner.on_commit = on_commit
-
-    def list_parts(self) -> list[str]:
-        """The inner sink's partitions."""
-        return self._inner.list_parts()
-
-    def part_fn(self, item_key: str) -> int:
-        """The inner sink's routing."""
-        return self._inner.part_fn(item_key)
 
     def build_part(self, step_id: str, for_part: str, resume_state: Any) -> StatefulSinkPartition:
         """Open the inner partition (it rolls back to `resume_state`), then observe it."""

@@ -22,6 +22,8 @@ from typing import Any, TypeVar
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 
+from sferp.wrapped_sink import WrappedSink
+
 __all__ = ["STAGES", "StageClock", "TimedSink", "TimedSource"]
 
 # The stages of the reconcile flow, in flow order (the label values of
@@ -153,21 +155,13 @@ class _TimedSourcePartition(StatefulSourcePartition):
         self._inner.close()
 
 
-class TimedSink(FixedPartitionedSink):
+class TimedSink(WrappedSink):
     """A partitioned sink whose `write_batch` and `snapshot` count as `stage`."""
 
     def __init__(self, inner: FixedPartitionedSink, clock: StageClock, stage: str) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._clock = clock
         self._stage = stage
-
-    def list_parts(self) -> list[str]:
-        """The inner sink's partitions."""
-        return self._inner.list_parts()
-
-    def part_fn(self, item_key: str) -> int:
-        """The inner sink's routing."""
-        return self._inner.part_fn(item_key)
 
     def build_part(self, step_id: str, for_part: str, resume_state: Any) -> StatefulSinkPartition:
         """The inner partition, its batches and snapshots timed."""
