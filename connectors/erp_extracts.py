@@ -61,7 +61,15 @@ from sferp.operators.decode_erp import BOUNDED_COLUMNS, PRIMARY_KEYS
 from sferp.operators.extract_routing import ExtractBatch, extract_topic
 
 from sferp.config import DEFAULT_EXTRACT_PATTERN
-from sferp.events import DELETE, ERP, UPSERT, Change, DeadLetter
+from sferp.events import (
+    DELETE,
+    ERP,
+    EVENT_TIME_MAX_MS,
+    EVENT_TIME_MIN_MS,
+    UPSERT,
+    Change,
+    DeadLetter,
+)
 
 __all__ = [
     "DEFAULT_FILE_PATTERN",
@@ -240,7 +248,7 @@ def scan(directory: str, table: str, naming: FileNaming) -> list[ExtractFile]:
             if not e.is_file():
                 continue
             _, kind, seq, ts_ms, fmt = parsed
-            export_ms = ts_ms if ts_ms is not None else st.st_mtime_ns // 1_000_000
+            export_ms = ts_ms if ts_ms is not None else _event_time(st.st_mtime_ns // 1_000_000)
             found.append(
                 ExtractFile(
                     e.path, e.name, table, kind, seq, export_ms, fmt, st.st_size, st.st_mtime_ns
@@ -994,6 +1002,12 @@ class _TablePartition(StatefulSourcePartition[ExtractBatch, dict]):
 # (it then rounds into DECIMAL(18,2)), a quantity below 10^15. DECIMAL(38,20) holds
 # every amount in range to 20 places (a longer one is rounded at the 20th place
 # before the comparison); anything larger does not cast, so it is out of range too.
+
+
+def _event_time(mtime_ms: int) -> int:
+    """A file's modification time as an event time, clamped into the event-time range
+    (docs/semantics.md, "Ranges"): a file system accepts any time, a TIMESTAMP does not."""
+    return min(max(mtime_ms, EVENT_TIME_MIN_MS), EVENT_TIME_MAX_MS)
 
 
 def _range_sql(column: str, cast: str) -> str:

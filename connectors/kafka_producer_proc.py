@@ -17,10 +17,13 @@ silently.
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing
+import multiprocessing.util  # before the atexit hook below: see _close_pipes_at_exit
 import os
 import pickle
 import signal
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -88,6 +91,23 @@ def _serve(conn: Any, config: dict[str, Any], bootstrap: str, nice: int = 0) -> 
             return
 
 
+_LIVE: weakref.WeakSet[ProducerProcess] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_pipes_at_exit() -> None:
+    """Close the pipes of producers still open when the interpreter exits.
+
+    The children ignore SIGTERM (see `_serve`), which is how multiprocessing's own exit
+    hook stops daemon children before it joins them: a producer still referenced at
+    exit (a traceback keeping a partition alive) would hang the exit. Registered after
+    multiprocessing's hook, so it runs before it (atexit runs last-in, first-out): the
+    children read end-of-file and exit at once, unflushed, as after a crash.
+    """
+    for producer in list(_LIVE):
+        producer._conn.close()
+
+
 class ProducerProcess(StatelessSinkPartition[SinkItem]):
     """The `_KafkaSinkPartition` interface, backed by a producer in a child process."""
 
@@ -103,6 +123,7 @@ class ProducerProcess(StatelessSinkPartition[SinkItem]):
         self._proc.start()
         child.close()
         self._closed = False
+        _LIVE.add(self)
         ok, why = self._reply(_READY_TIMEOUT_S)
         if not ok:
             self._proc.join(5)

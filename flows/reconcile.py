@@ -218,22 +218,27 @@ class _Logic(StatefulBatchLogic):
     """Adapts a stage object (`process(payloads) -> outputs`) to Bytewax.
 
     Snapshots are pickled at once (the state keeps changing after the call) and
-    only when a recovery store is configured.
+    only when a recovery store is configured. With a stage clock, batches and
+    snapshots count as the stage's busy time (sferp/stage_time.py).
     """
 
     def __init__(
-        self, stage: Any, state: Any, recovery: bool, timed: Callable[[list], Any] | None = None
+        self, stage: Any, state: Any, recovery: bool, clock: StageClock | None, name: str
     ) -> None:
         self.stage = stage
         self.state = state
         self.recovery = recovery
-        self.process = timed or stage.process  # stage.process, maybe timed (sferp/stage_time.py)
+        self.process = stage.process if clock is None else clock.wrap(name, stage.process)
+        self._pickle = self._pickle_state if clock is None else clock.wrap(name, self._pickle_state)
 
     def on_batch(self, values: list) -> tuple[list, bool]:
         return [self.process(values)], StatefulBatchLogic.RETAIN
 
+    def _pickle_state(self) -> bytes:
+        return pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL)
+
     def snapshot(self) -> Any:
-        return pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL) if self.recovery else None
+        return self._pickle() if self.recovery else None
 
 
 class _CoordinatorLogic(StatefulBatchLogic):
@@ -243,15 +248,19 @@ class _CoordinatorLogic(StatefulBatchLogic):
         self.coord = coord
         self.recovery = recovery
         self.live = live
-        self._process, self._tick, self._flush = (
-            (coord.process, coord.tick, coord.flush)
+        self._process, self._tick, self._flush, self._pickle = (
+            (coord.process, coord.tick, coord.flush, self._pickle_state)
             if clock is None
             else (
                 clock.wrap("coordinator", coord.process),
                 clock.wrap("coordinator", coord.tick),
                 clock.wrap("coordinator", coord.flush),
+                clock.wrap("coordinator", self._pickle_state),
             )
         )
+
+    def _pickle_state(self) -> bytes:
+        return pickle.dumps(self.coord.state, protocol=pickle.HIGHEST_PROTOCOL)
 
     def on_batch(self, values: list) -> tuple[list, bool]:
         return [self._process([v[1] for v in values])], StatefulBatchLogic.RETAIN
@@ -272,9 +281,7 @@ class _CoordinatorLogic(StatefulBatchLogic):
         return datetime.now(UTC) + timedelta(seconds=1 if wait is None else min(1.0, wait))
 
     def snapshot(self) -> Any:
-        if not self.recovery:
-            return None
-        return pickle.dumps(self.coord.state, protocol=pickle.HIGHEST_PROTOCOL)
+        return self._pickle() if self.recovery else None
 
 
 def _restore(resume: Any, default: Any) -> Any:
@@ -369,13 +376,10 @@ def build_flow(settings: Settings, opts: FlowOptions) -> Dataflow:
     window_ms = fs.dedup_window_s * 1000
     lateness_ms = fs.allowed_lateness_s * 1000
 
-    def timed(stage: str, fn: Callable[[list], Any]) -> Callable[[list], Any] | None:
-        return None if clock is None else clock.wrap(stage, fn)
-
     def merge_builder(resume: Any) -> _Logic:
         state = _restore(resume, None) or MergeState(window_ms)
         merger = Merger(state, lateness_ms)
-        return _Logic(merger, state, rec, timed("merge", merger.process))
+        return _Logic(merger, state, rec, clock, "merge")
 
     merged = op.flat_map(
         "merge_out",
@@ -387,7 +391,7 @@ def build_flow(settings: Settings, opts: FlowOptions) -> Dataflow:
         def build(resume: Any) -> _Logic:
             state = _restore(resume, {})
             logic = cls(state)
-            return _Logic(logic, state, rec, timed(name, logic.process))
+            return _Logic(logic, state, rec, clock, name)
 
         return build
 

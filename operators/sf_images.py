@@ -92,8 +92,14 @@ def parse_datetime_ms(text: str) -> int:
 
 
 def soql_datetime(ms: int) -> str:
-    """A SOQL dateTime literal, floored to the second (SOQL compares whole seconds)."""
-    return datetime.fromtimestamp(ms // 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """A SOQL dateTime literal, floored to the second (SOQL compares whole seconds).
+
+    Times before 1970 are sent as 1970-01-01T00:00:00Z: a gap event's look-back from an
+    early event time reached year 0, which `datetime` cannot hold (and Salesforce has
+    no records before 1970); the year is padded to four digits, which %Y does not do.
+    """
+    t = datetime.fromtimestamp(max(0, ms // 1000), UTC)
+    return f"{t.year:04d}-{t.month:02d}-{t.day:02d}T{t.hour:02d}:{t.minute:02d}:{t.second:02d}Z"
 
 
 def select_fields(entity: str) -> list[str]:

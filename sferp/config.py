@@ -124,7 +124,8 @@ class TopicSettings(_Section):
         if not self.input_roles():
             raise ConfigError(
                 "topics: sf_cdc, erp_items, erp_inventory and erp_sales_orders are all empty: "
-                "nothing to read"
+                "nothing to read (ERP extract files and Salesforce polling join a flow that "
+                "reads one Kafka input topic at least)"
             )
         return self
 

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -89,7 +90,9 @@ def run_command(args: argparse.Namespace) -> int:
     return run_flow(settings, opts)
 
 
-def _stop_while_forming(formed: threading.Event, addresses: list[str], me: int) -> None:
+def _stop_while_forming(
+    formed: threading.Event, forming: threading.Lock, addresses: list[str], me: int
+) -> Callable[[], None]:
     """Let SIGTERM and SIGINT stop a cluster process that waits for its peers.
 
     Bytewax connects the processes of a cluster before it runs any Python code,
@@ -98,10 +101,10 @@ def _stop_while_forming(formed: threading.Event, addresses: list[str], me: int) 
     written to a pipe (`signal.set_wakeup_fd`); a thread reads it and, while the
     cluster has not formed, ends the process with exit 0: nothing was read or
     written yet (the recovery store's lock is released with the process).
-    Afterwards the flow's own handler stops it cleanly.
+    Afterwards the flow's own handler stops it cleanly. Returns the function that
+    undoes this once the flow has ended.
     """
     others = ", ".join(a for i, a in enumerate(addresses) if i != me)
-    log.info("waiting for the other processes of the cluster (%s) to connect", others)
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
     signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
@@ -109,7 +112,11 @@ def _stop_while_forming(formed: threading.Event, addresses: list[str], me: int) 
 
     def watch() -> None:
         while got := os.read(read_fd, 64):
-            if not formed.is_set() and stops.intersection(got):
+            if not stops.intersection(got):
+                continue
+            with forming:  # the flow cannot start while this decides (see `started`)
+                if formed.is_set():
+                    continue  # the flow's own handler stops it: the bytes are only drained
                 log.info(
                     "received a stop signal before the other processes of the cluster (%s) "
                     "connected: stopped, nothing was read",
@@ -117,9 +124,15 @@ def _stop_while_forming(formed: threading.Event, addresses: list[str], me: int) 
                 )
                 logging.shutdown()
                 os._exit(0)
-            # once formed, the flow's own handler stops it: the bytes are only drained
 
     threading.Thread(target=watch, name="sferp-cluster-wait", daemon=True).start()
+    log.info("waiting for the other processes of the cluster (%s) to connect", others)
+
+    def undo() -> None:
+        signal.set_wakeup_fd(-1)
+        os.close(write_fd)  # the thread reads end-of-file and ends
+
+    return undo
 
 
 def check_views_path(path: str) -> None:
@@ -280,12 +293,15 @@ def _run_prepared(
         resuming=resuming,
     )
     formed = threading.Event()  # the cluster's processes are connected
+    forming = threading.Lock()  # held by the signal watcher while it decides to exit
 
     def started() -> None:  # once per worker: the first one says it
-        if not formed.is_set():
+        if formed.is_set():
+            return
+        with forming:
             formed.set()
-            if opts.addresses:
-                log.info("all %d processes of the cluster are connected", len(opts.addresses))
+        if opts.addresses:
+            log.info("all %d processes of the cluster are connected", len(opts.addresses))
 
     flow_opts = FlowOptions(
         on_started=started,
@@ -318,8 +334,9 @@ def _run_prepared(
         len(opts.addresses or [None]),
     )
     monitor.start()
+    undo_watch = None
     if opts.addresses and opts.install_signals and previous:
-        _stop_while_forming(formed, opts.addresses, opts.process_id or 0)
+        undo_watch = _stop_while_forming(formed, forming, opts.addresses, opts.process_id or 0)
     try:
         cli_main(
             flow,
@@ -340,6 +357,8 @@ def _run_prepared(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if undo_watch is not None:
+            undo_watch()
         monitor.stop()
     if lost_peer:
         raise ClusterError(

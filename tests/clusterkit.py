@@ -189,6 +189,11 @@ class Runner:
         codes = self.wait(procs)
         logs = "\n".join(self.log(process=i)[-3000:] for i in range(processes))
         assert codes == [0] * processes, logs
+        if processes > 1:  # each process said the cluster formed, and ran its flow
+            for i in range(processes):
+                log = self.log(process=i)
+                assert f"all {processes} processes of the cluster are connected" in log, log
+                assert "before the other processes" not in log, log
 
     def kill_all(self) -> None:
         for p in self.started:

@@ -393,7 +393,7 @@ def test_ctrl_c_during_the_demo_is_exit_130_without_a_panic(tmp_path):
     """The demo's flow stops as `sferp run` does; before, a KeyboardInterrupt raised
     inside the flow ended it in a Rust panic and exit 1."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sferp", "demo", "--orders", "3000"],
+        [sys.executable, "-m", "sferp", "demo", "--orders", "15000"],  # a flow of seconds
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

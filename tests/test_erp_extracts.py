@@ -829,3 +829,15 @@ def test_numbers_beyond_the_view_columns_are_bad_rows(tmp_path):
     so = pump(part_of(src, "sales_orders"))
     assert [c.key for c in changes(so)] == ['{"order_no":1}', '{"order_no":4}']
     assert [dl.reason for dl in dead(so)] == ["bad_extract_row: bad number in total_amount"] * 3
+
+
+def test_a_modification_time_beyond_the_event_time_range_is_clamped():
+    """A file system accepts any time, a TIMESTAMP column does not (a views commit with
+    such a time failed, and the file was read again at every restart)."""
+    from sferp.connectors.erp_extracts import _event_time
+
+    from sferp.events import EVENT_TIME_MAX_MS, EVENT_TIME_MIN_MS
+
+    assert _event_time(10**16) == EVENT_TIME_MAX_MS
+    assert _event_time(-(10**16)) == EVENT_TIME_MIN_MS
+    assert _event_time(1_764_309_600_000) == 1_764_309_600_000

@@ -165,3 +165,24 @@ def test_only_a_recoverable_sink_waits_for_deliveries_at_snapshots(
     assert {m.key.decode(): json.loads(m.value) for m in read_topic(broker.bootstrap, inv)} == {
         f"K{i}": i for i in range(20)
     }
+
+
+def test_an_interpreter_exit_with_a_producer_still_open_does_not_hang(broker, tmp_path):
+    """The producer child ignores SIGTERM (a process group's Ctrl-C or stop must not kill
+    it before the flow's flush), which is how multiprocessing stops daemon children at
+    exit: without closing their pipes first, such an exit waited forever."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "exit_with_producer.py"
+    script.write_text(
+        "import sys\n"
+        "from sferp.connectors.kafka_producer_proc import ProducerProcess\n"
+        "if __name__ == '__main__':\n"
+        "    KEEP = ProducerProcess({'bootstrap_servers': sys.argv[1]}, sys.argv[1])\n"
+        "    print('started', flush=True)\n"
+    )
+    r = subprocess.run(
+        [sys.executable, str(script), broker.bootstrap], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0 and r.stdout == "started\n", r.stderr[-2000:]

@@ -58,13 +58,15 @@ def test_unknown_stage_is_refused():
 
 def test_summary_names_each_stage_share_and_the_total():
     clock = StageClock()
-    clock.wrap("merge", time.sleep)(0.05)
+    t0 = time.perf_counter()
+    clock.wrap("merge", time.sleep)(0.06)
     clock.wrap("read", time.sleep)(0.02)
-    line = clock.summary(0.1)
+    time.sleep(0.02)  # outside every stage
+    line = clock.summary(time.perf_counter() - t0)
     merge = float(line.split("merge ")[1].split(" %")[0])
     read = float(line.split("read ")[1].split(" %")[0])
     busy = float(line.split("busy ")[1].split(" %")[0])
-    assert 50 <= merge < 90 and 20 <= read < 60 and busy == pytest.approx(merge + read, abs=1)
+    assert merge > read >= 1 and busy == pytest.approx(merge + read, abs=1) and busy < 100
     assert "decode" not in line  # stages under 0.5 % are left out
     assert "worker" not in line  # one worker: no worker names
     assert StageClock().summary(1.0) == ""

@@ -31,6 +31,10 @@ def test_datetime_formats():
         assert parse_datetime_ms(text) == MS, text
     assert parse_datetime_ms("2026-11-18T11:06:40Z") == MS - 123
     assert soql_datetime(MS) == "2026-11-18T11:06:40Z"  # SOQL compares whole seconds
+    # The event-time range's ends: a gap's look-back from year 1 reached year 0 (a
+    # ValueError that stopped the flow); no Salesforce record is older than 1970.
+    assert soql_datetime(-62_135_596_800_000 - 3_600_000) == "1970-01-01T00:00:00Z"
+    assert soql_datetime(253_402_300_799_999) == "9999-12-31T23:59:59Z"
     with pytest.raises(ValueError):
         parse_datetime_ms("yesterday")
 
