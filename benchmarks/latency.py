@@ -149,11 +149,10 @@ def _drive(
     conn.close()
 
 
-def scrape_commit_histogram(port: int, timeout_s: float = 5.0) -> dict[str, Any] | None:
-    """The flow's own `sferp_view_commit_seconds` histogram (consume to view commit), if served.
-
-    Returns bucket upper bounds with cumulative counts, and the p50/p99 bucket bounds.
-    """
+def _samples(
+    port: int, metric: str, label: str, timeout_s: float
+) -> list[tuple[str, float]] | None:
+    """(value of `label`, sample value) of every sample of `metric` the flow serves, or None."""
     import urllib.request
 
     try:
@@ -161,15 +160,24 @@ def scrape_commit_histogram(port: int, timeout_s: float = 5.0) -> dict[str, Any]
             text = r.read().decode()
     except (OSError, ValueError):
         return None
-    buckets: list[tuple[float, float]] = []
+    out: list[tuple[str, float]] = []
+    marker = f'{label}="'
     for line in text.splitlines():
-        if line.startswith("sferp_view_commit_seconds_bucket{"):
+        if line.startswith(metric + "{"):
             labels, _, value = line.rpartition(" ")
-            le = labels.split('le="', 1)[1].split('"', 1)[0]
-            buckets.append((math.inf if le == "+Inf" else float(le), float(value)))
+            out.append((labels.split(marker, 1)[1].split('"', 1)[0], float(value)))
+    return out
+
+
+def scrape_commit_histogram(port: int, timeout_s: float = 5.0) -> dict[str, Any] | None:
+    """The flow's own `sferp_view_commit_seconds` histogram (consume to view commit), if served.
+
+    Returns bucket upper bounds with cumulative counts, and the p50/p99 bucket bounds.
+    """
+    samples = _samples(port, "sferp_view_commit_seconds_bucket", "le", timeout_s)
+    buckets = sorted((math.inf if le == "+Inf" else float(le), n) for le, n in samples or [])
     if not buckets or buckets[-1][1] <= 0:
         return None
-    buckets.sort()
     total = buckets[-1][1]
 
     def bound(q: float) -> float | None:
@@ -188,19 +196,11 @@ def scrape_commit_histogram(port: int, timeout_s: float = 5.0) -> dict[str, Any]
 
 def scrape_busy(port: int, timeout_s: float = 5.0) -> dict[str, float] | None:
     """The flow's `sferp_worker_busy_seconds_total` by stage, summed over its workers."""
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout_s) as r:
-            text = r.read().decode()
-    except (OSError, ValueError):
-        return None
     out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("sferp_worker_busy_seconds_total{"):
-            labels, _, value = line.rpartition(" ")
-            stage = labels.split('stage="', 1)[1].split('"', 1)[0]
-            out[stage] = out.get(stage, 0.0) + float(value)
+    for stage, seconds in (
+        _samples(port, "sferp_worker_busy_seconds_total", "stage", timeout_s) or []
+    ):
+        out[stage] = out.get(stage, 0.0) + seconds
     return out or None
 
 

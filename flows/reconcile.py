@@ -50,6 +50,7 @@ from sferp.operators.views import OrdersStage, ProductsStage, SkusStage
 from sferp.config import Settings
 from sferp.events import Change, DeadLetter, Ignored, RawMessage
 from sferp.stage_time import StageClock, TimedSink, TimedSource
+from sferp.wrapped import WrappedSource
 
 log = logging.getLogger("sferp.flow")
 
@@ -113,21 +114,17 @@ class FlowOptions:
     on_started: Callable[[], None] | None = None
 
 
-class _AnnouncingSource(FixedPartitionedSource):
+class _AnnouncingSource(WrappedSource):
     """The flow's source, telling `on_started` when Bytewax first lists its partitions."""
 
     def __init__(self, inner: FixedPartitionedSource, on_started: Callable[[], None]) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._on_started = on_started
 
     def list_parts(self) -> list[str]:
         """The inner source's partitions, after the announcement."""
         self._on_started()
-        return self._inner.list_parts()
-
-    def build_part(self, step_id: str, for_part: str, resume_state: Any) -> Any:
-        """The inner source's partition."""
-        return self._inner.build_part(step_id, for_part, resume_state)
+        return super().list_parts()
 
 
 def make_router(cfg: DecodeConfig, *, live: bool, max_future_skew_ms: int) -> Any:

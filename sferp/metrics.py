@@ -75,7 +75,7 @@ from sferp.connectors.query_server import TOKEN_HEADER, endpoint_path
 from sferp.events import RawMessage
 from sferp.operators.facts import GLOBAL_IN, TICK
 from sferp.stage_time import StageClock
-from sferp.wrapped_sink import WrappedSink
+from sferp.wrapped import WrappedSink
 
 # No `<name>_created` series beside the histogram's (prometheus_client's default): they
 # were the only ones, undocumented, and Prometheus does not need them.

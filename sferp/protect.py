@@ -44,7 +44,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from sferp.config import ConfigError
 from sferp.connectors.duckdb_schema import PRIMARY_KEYS, SCHEMA, TABLES
-from sferp.usage import OneLineParser, row_limit, timeout_seconds
+from sferp.usage import MAX_ROWS, OneLineParser, int_between, timeout_seconds
 
 if TYPE_CHECKING:
     from sferp.config import Settings
@@ -619,7 +619,7 @@ def cli_decrypt(argv: list[str]) -> int:
     ap.add_argument("--config", help="TOML configuration file (for [security] and [views])")
     ap.add_argument("--views", help="views file (default: views.path)")
     ap.add_argument("--format", choices=FORMATS, default="table")
-    ap.add_argument("--max-rows", type=row_limit, default=None)
+    ap.add_argument("--max-rows", type=int_between(1, MAX_ROWS), default=None)
     ap.add_argument("--timeout", type=timeout_seconds, default=30.0)
     try:
         args = ap.parse_args(argv)

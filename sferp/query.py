@@ -41,7 +41,7 @@ from sferp.connectors.query_server import (
     endpoint_path,
     execute_read_only,
 )
-from sferp.usage import OneLineParser, row_limit, timeout_seconds
+from sferp.usage import MAX_ROWS, OneLineParser, int_between, timeout_seconds
 
 DEFAULT_VIEWS = "data/views.duckdb"
 FORMATS = ("table", "csv", "json")
@@ -335,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", choices=FORMATS, default="table", help="output format")
     parser.add_argument(
         "--max-rows",
-        type=row_limit,
+        type=int_between(1, MAX_ROWS),
         default=None,
         help="row limit (default: none; a running flow answers at most 1,000,000 rows)",
     )

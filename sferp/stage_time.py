@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 
-from sferp.wrapped_sink import WrappedSink
+from sferp.wrapped import WrappedSink, WrappedSource
 
 __all__ = ["STAGES", "StageClock", "TimedSink", "TimedSource"]
 
@@ -120,16 +120,12 @@ class StageClock:
         return "; ".join(parts)
 
 
-class TimedSource(FixedPartitionedSource):
+class TimedSource(WrappedSource):
     """A partitioned source whose partitions' polls count as the `read` stage."""
 
     def __init__(self, inner: FixedPartitionedSource, clock: StageClock) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._clock = clock
-
-    def list_parts(self) -> list[str]:
-        """The inner source's partitions."""
-        return self._inner.list_parts()
 
     def build_part(self, step_id: str, for_part: str, resume_state: Any) -> StatefulSourcePartition:
         """The inner partition, its `next_batch` timed."""

@@ -22,7 +22,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 MAX_TIMEOUT_S = 86_400.0
-MAX_ROWS = 10**12
+MAX_ROWS = 10**12  # --max-rows: more than DuckDB's fetch takes is an error, not a crash
 
 
 def timeout_seconds(text: str) -> float:
@@ -33,17 +33,6 @@ def timeout_seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
     if not 0 < value <= MAX_TIMEOUT_S:  # also false for nan
         raise argparse.ArgumentTypeError(f"must be above 0 and at most {MAX_TIMEOUT_S:g} s")
-    return value
-
-
-def row_limit(text: str) -> int:
-    """An argparse type: a whole number of rows, at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if not 1 <= value <= MAX_ROWS:
-        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_ROWS:,}")
     return value
 
 
