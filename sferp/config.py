@@ -337,7 +337,7 @@ class Settings(_Section):
 
         Raises ConfigError (one line naming the setting, never a secret's value)
         for combinations that cannot work or would silently weaken security:
-        TLS files or a SASL mechanism with a protocol that does not use them,
+        TLS files, a SASL mechanism or SASL credentials with a protocol that does not use them,
         missing or unreadable credentials, unloadable certificates.
         """
         k = self.kafka
@@ -371,6 +371,19 @@ class Settings(_Section):
                     f"kafka.sasl_mechanism: set to {k.sasl_mechanism}, but "
                     f"kafka.security_protocol is {proto} (use SASL_PLAINTEXT or SASL_SSL)"
                 )
+            # Credentials without SASL would connect unauthenticated: say so, as for TLS files.
+            for name, is_set in (
+                ("kafka.sasl_username", bool(k.sasl_username)),
+                ("SFERP_KAFKA__SASL_PASSWORD", k.sasl_password is not None),
+                ("kafka.sasl_password_file", bool(k.sasl_password_file)),
+                ("SFERP_KAFKA__SASL_OAUTH_TOKEN", k.sasl_oauth_token is not None),
+                ("kafka.sasl_oauth_token_file", bool(k.sasl_oauth_token_file)),
+            ):
+                if is_set:
+                    raise ConfigError(
+                        f"{name}: set, but kafka.security_protocol is {proto}, which does "
+                        "not authenticate (use SASL_PLAINTEXT or SASL_SSL)"
+                    )
             return cfg
         if not k.sasl_mechanism:
             raise ConfigError("kafka.sasl_mechanism: required with a SASL security_protocol")

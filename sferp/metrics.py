@@ -284,6 +284,7 @@ class Monitor:
         self._next_refresh = 0.0
         self._refresh_errors = 0
         self._refreshed_at: float | None = None
+        self._refresh_failing = False
         self._dl_reported: dict[tuple[str, str], float] = {}
         self._dl_reported_at = time.monotonic()
         self._snapshots = 0
@@ -591,12 +592,21 @@ class Monitor:
             rows = self._query_writer(views_sql())
         except Exception as exc:
             self._refresh_errors += 1
-            log.debug("metrics: views refresh failed: %s", exc)
+            if not self._refresh_failing:  # once per outage, not once per attempt
+                log.warning(
+                    "metrics: cannot read the view numbers (%s); the business gauges are "
+                    "missing until they can be read",
+                    exc,
+                )
+            self._refresh_failing = True
             rows = None
         took = time.monotonic() - t0
         # Refresh at most once a second, and spend at most ~10 % of a core on it.
         self._next_refresh = time.monotonic() + max(1.0, 10 * took)
         if rows is not None:
+            if self._refresh_failing:
+                log.info("metrics: the view numbers can be read again")
+                self._refresh_failing = False
             self._set_views(ViewTotals(rows))
 
     def _last(self) -> float:
@@ -872,6 +882,21 @@ class _Collector(Collector):
         for key in sorted(set(cur.dead) | set(floor.dead)):
             dead.add_metric(list(key), max(cur.dead.get(key, 0), floor.dead.get(key, 0)))
         yield dead
+        # Also while the view numbers cannot be read: their age is what alerts on that
+        # (SferpViewNumbersStale), since the business gauges below are then missing.
+        yield CounterMetricFamily(
+            "sferp_snapshots", "Snapshots of the views writer in this process.", value=m._snapshots
+        )
+        yield GaugeMetricFamily(
+            "sferp_views_refresh_age_seconds",
+            "Seconds since these view numbers were read.",
+            value=time.monotonic() - (m._refreshed_at or m._started),
+        )
+        yield CounterMetricFamily(
+            "sferp_views_refresh_errors",
+            "Failed reads of the view numbers.",
+            value=m._refresh_errors,
+        )
         if views is None:
             return
         rows = GaugeMetricFamily("sferp_view_rows", "Rows in each view.", labels=["view"])
@@ -919,19 +944,6 @@ class _Collector(Collector):
             "Activation in Salesforce to ERP invoice, over the orders in order_status.",
             buckets=buckets,
             sum_value=views.q2c_sum,
-        )
-        yield CounterMetricFamily(
-            "sferp_snapshots", "Snapshots of the views writer in this process.", value=m._snapshots
-        )
-        yield GaugeMetricFamily(
-            "sferp_views_refresh_age_seconds",
-            "Seconds since these view numbers were read.",
-            value=time.monotonic() - (m._refreshed_at or m._started),
-        )
-        yield CounterMetricFamily(
-            "sferp_views_refresh_errors",
-            "Failed reads of the view numbers.",
-            value=m._refresh_errors,
         )
 
 

@@ -474,6 +474,16 @@ def test_oauthbearer_token_from_the_environment_is_hidden():
     [
         ({"security_protocol": "SASL_SSL"}, {}, "kafka.sasl_mechanism: required"),
         ({"sasl_mechanism": "PLAIN"}, {}, "kafka.sasl_mechanism: set to PLAIN, but"),
+        # Credentials with a protocol that does not authenticate: unauthenticated otherwise.
+        ({"sasl_username": "u"}, {}, "kafka.sasl_username: set, but kafka.security_protocol"),
+        (
+            {"security_protocol": "SSL"},
+            {"SFERP_KAFKA__SASL_PASSWORD": SECRET},
+            "SFERP_KAFKA__SASL_PASSWORD: set, but kafka.security_protocol is SSL",
+        ),
+        ({"sasl_password_file": "/x"}, {}, "kafka.sasl_password_file: set, but"),
+        ({}, {"SFERP_KAFKA__SASL_OAUTH_TOKEN": SECRET}, "SFERP_KAFKA__SASL_OAUTH_TOKEN: set, but"),
+        ({"sasl_oauth_token_file": "/x"}, {}, "kafka.sasl_oauth_token_file: set, but"),
         (
             {"security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512"},
             {"SFERP_KAFKA__SASL_PASSWORD": SECRET},

@@ -26,6 +26,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import duckdb
+import orjson
 import pytest
 import yaml
 from clusterkit import free_port
@@ -154,7 +155,7 @@ def start_run(config: Path, broker, views: Path, recovery: Path, port: int, *ext
         SFERP_METRICS__PORT=str(port),
         SFERP_METRICS__POLL_INTERVAL_S="1",
         SFERP_FLOW__SNAPSHOT_INTERVAL_S="1",
-        SFERP_KAFKA__SASL_PASSWORD=SECRET,  # unused with PLAINTEXT; must never be logged
+        SFERP_SALESFORCE__PASSWORD=SECRET,  # unused without Salesforce; must never be logged
     ) | (env or {})
     cmd = [sys.executable, "-m", "sferp", "run", "--config", str(config)]
     cmd += ["--bootstrap", broker.bootstrap, "--views", str(views)]
@@ -699,3 +700,48 @@ def test_every_process_serves_the_contract_metric_names():
     for name in ("sferp_events_consumed", "sferp_events_duplicate", "sferp_dead_letters"):
         assert f"# TYPE {name}_total counter" in text
         assert names[name].samples == []
+
+
+def test_view_numbers_that_cannot_be_read_still_show_their_age_and_errors(tmp_path, caplog):
+    """With the views unreadable the business gauges are missing, so nothing would
+    alert on them: the refresh age and errors (SferpViewNumbersStale) must remain."""
+    import http.server
+    import threading
+
+    from sferp.connectors.query_server import endpoint_path
+
+    class Failing(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's name)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = b'{"error": "the views file is broken"}'
+            self.send_response(500)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Failing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    views = tmp_path / "views.duckdb"
+    Path(endpoint_path(str(views))).write_bytes(
+        orjson.dumps(
+            {"pid": os.getpid(), "host": "127.0.0.1", "port": server.server_port, "token": "t"}
+        )
+    )
+    try:
+        m = Monitor(load_settings(overrides={}), views_path=str(views), writer=True)
+        with caplog.at_level(logging.INFO, logger="sferp.metrics"):
+            m._maybe_refresh()
+            m._next_refresh = 0.0
+            m._maybe_refresh()  # a second failure: counted, not logged again
+        text = _scrape(m)
+    finally:
+        server.shutdown()
+    names = {fam.name: fam for fam in text_string_to_metric_families(text)}
+    assert "sferp_orders" not in names and "sferp_exceptions_open" not in names
+    assert names["sferp_views_refresh_errors"].samples[0].value == 2
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "the views file is broken" in warned[0], warned
+    assert names["sferp_views_refresh_age_seconds"].samples[0].value >= 0

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-from sferp.benchmarks.plan import find_results, parallel_fraction, plan, speedup
+from sferp.benchmarks.plan import find_results, parallel_fraction, plan, render, speedup
 from sferp.benchmarks.report import evaluate_targets
 
 
@@ -57,6 +58,32 @@ def test_latency_is_interpolated_between_the_measured_loads():
     assert pl["p99_s"] == pytest.approx(1.3)
     low = plan(results(), 1_000, 0.7)  # below the lowest measured load: that load's values
     assert low["p99_s"] == pytest.approx(1.0)
+
+
+def _with_commit_p99(r, p99_50, p99_80):
+    r["latency"]["load_50"]["flow_commit_histogram"] = {"p99_le_s": p99_50}
+    r["latency"]["load_80"]["flow_commit_histogram"] = {"p99_le_s": p99_80}
+    return r
+
+
+@pytest.mark.parametrize(
+    "peak, p99s, says",
+    [
+        (6_500, (1.0, 3.0), None),  # 65 % load: 2.0 s, the threshold itself (quiet)
+        (7_000, (1.0, 3.0), "warning: the consume-to-commit p99 is up to 2.3 s at this load"),
+        (2_000, (2.5, 5.0), "note: the consume-to-commit p99 was up to 2.5 s at 50% load"),
+        (2_000, (1.5, 5.0), None),
+    ],
+)
+def test_plan_says_when_the_commit_alert_would_fire_at_the_planned_load(peak, p99s, says):
+    """SferpViewCommitSlow fires at a p99 above 2 s: the plan must not call such a load safe
+    without saying so (above the lowest measured load a warning, below it a note)."""
+    r = _with_commit_p99(results(), *p99s)
+    text = render(plan(r, peak, 1.0), r, Path("r.json"))
+    if says is None:
+        assert "SferpViewCommitSlow" not in text
+    else:
+        assert says in text and "SferpViewCommitSlow" in text
 
 
 def test_a_peak_beyond_the_scaling_ceiling_is_reported_not_hidden():
