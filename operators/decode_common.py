@@ -261,6 +261,60 @@ _DECIMAL_TEXT = re.compile(
 )
 
 
+# Significant digits every double holds exactly: a JSON number with more is read
+# from its text (CONTRACT §2: amounts are exact decimals parsed from the JSON text).
+DOUBLE_DIGITS = 15
+# An exponent beyond this leaves the double's range either way (inf or 0 stay as read).
+_MAX_TEXT_EXPONENT = 400
+_NUMBER_AFTER_KEY = re.compile(
+    rb"[ \t\n\r]*:[ \t\n\r]*(-?([0-9]+)(?:\.([0-9]+))?(?:[eE]([-+]?[0-9]+))?)"
+)
+_KEY_NEEDLES: dict[str, bytes] = {}
+_LONG_AFTER_KEY: dict[str, re.Pattern[bytes]] = {}
+
+
+def exact_number_text(raw: bytes, key: str, v: float) -> str | None:
+    """The exact decimal text (plain notation) of the JSON number `raw` gives `key`, when
+    it has more significant digits than a double holds; None when the double `v` is exact.
+
+    orjson reads every non-integer number as a double, so `0.12500000000000001` would
+    become 0.125. Called for the double of a numeric column only; the number is found
+    after `"key":` in the raw text, among occurrences whose double is `v` (Debezium's
+    `before` image may carry the same column). Two different such texts with the same
+    double (which only a crafted message has) keep the double.
+    """
+    probe = _LONG_AFTER_KEY.get(key)
+    if probe is None:  # a necessary condition, found by sre's literal-prefix search
+        needle = orjson.dumps(key)
+        _KEY_NEEDLES[key] = needle
+        probe = _LONG_AFTER_KEY[key] = re.compile(
+            re.escape(needle) + rb"[ \t\n\r]*:[ \t\n\r]*-?[0-9.]{16}"
+        )
+    if probe.search(raw) is None:
+        return None
+    needle = _KEY_NEEDLES[key]
+    found = None
+    i = raw.find(needle)
+    while i >= 0:
+        i += len(needle)
+        m = _NUMBER_AFTER_KEY.match(raw, i)
+        if m is not None:
+            whole, integral, fraction, exponent = m.groups()
+            digits = (integral + (fraction or b"")).strip(b"0")
+            if (
+                (fraction is not None or exponent is not None)  # integers: holds_big_integral
+                and len(digits) > DOUBLE_DIGITS
+                and (exponent is None or abs(int(exponent)) <= _MAX_TEXT_EXPONENT)
+                and float(whole) == v
+            ):
+                text = whole.decode()
+                if found is not None and text != found:
+                    return None
+                found = text
+        i = raw.find(needle, i)
+    return None if found is None else format(Decimal(found), "f")
+
+
 def is_decimal_string(s: str) -> bool:
     """A string holding a plain finite decimal (`"12.50"`, `"-3"`, `"1.2E+3"`, `" 2.5 "`)."""
     return _DECIMAL_TEXT.fullmatch(s) is not None

@@ -26,6 +26,7 @@ from sferp.operators.decode_common import (
     decode_base64_decimal,
     deeper_than,
     dumps_compact_sorted,
+    exact_number_text,
     ignored_event_time,
     in_view_range,
     is_big_integral,
@@ -183,7 +184,13 @@ def decode_erp(
             if v is None:
                 continue
             t = type(v)
-            if t is int or (t is float and v - v == 0.0):  # finite
+            if t is float and v - v == 0.0:  # finite
+                text = exact_number_text(msg.value, col, v)  # type: ignore[arg-type]
+                if text is not None:
+                    v = row[col] = text
+                    t = str
+                ok = True
+            elif t is int:
                 ok = True
             elif t is str:
                 ok = False

@@ -20,6 +20,7 @@ from sferp.operators.decode_common import (
     TOO_MANY_FIELDS,
     ReparseExact,
     dead_letter,
+    exact_number_text,
     ignored_event_time,
     in_view_range,
     is_big_integral,
@@ -224,7 +225,12 @@ def decode_salesforce(o: dict[str, Any], msg: RawMessage, max_fields: int = 1000
             if v is None:
                 continue
             t = type(v)
-            if t is int or (t is float and v - v == 0.0):  # v - v == 0.0: finite
+            if t is float and v - v == 0.0:  # v - v == 0.0: finite
+                text = exact_number_text(msg.value, k, v)  # type: ignore[arg-type]
+                if text is not None:
+                    v = fields[k] = text
+                    t = str
+            if t is int or (t is float and v - v == 0.0):
                 kind = BOUNDED_FIELDS.get(k)
                 if kind is None or -kind < v < kind:
                     continue

@@ -309,7 +309,8 @@ class OrdersStage:
                         "ORPHAN_ERP_ORDER",
                         e.order_no,
                         True,
-                        f"sf_order_id {oid} names no live Salesforce Order",
+                        # (a non-text sf_order_id is keyed as "\x00" + its JSON: not shown)
+                        f"sf_order_id {oid.removeprefix(chr(0))} names no live Salesforce Order",
                         e.event_time,
                         _lineage(erp=e.identity, salesforce=o.identity if o else None),
                     )

@@ -343,6 +343,33 @@ _PLAIN_DECIMAL = re.compile(
 )
 
 
+def _exact_text(raw: bytes, name: str, value: Any) -> Any:
+    """`value`, or the exact text of the number sent for `name` when a double cannot hold it.
+
+    A JSON number with more than 15 significant digits (zeros at either end aside),
+    whose double is `value`, is kept as its text in plain notation: amounts are exact
+    decimals parsed from the JSON text (CONTRACT §2). Texts that disagree keep the
+    double; exponents beyond 400 leave a double's range either way.
+    """
+    if type(value) is not float or not math.isfinite(value):
+        return value
+    pattern = (
+        re.escape(json.dumps(name).encode())
+        + rb"\s*:\s*(-?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?)"
+    )
+    texts = set()
+    for number in re.findall(pattern, raw):
+        mantissa, e, exponent = number.lower().partition(b"e")
+        if not e and b"." not in mantissa:
+            continue  # an integer literal: kept exact by the standard library's parse
+        digits = mantissa.lstrip(b"-").replace(b".", b"").strip(b"0")
+        if len(digits) > 15 and abs(int(exponent or b"0")) <= 400 and float(number) == value:
+            texts.add(number.decode())
+    if len(texts) != 1:
+        return value
+    return format(Decimal(texts.pop()), "f")
+
+
 def _is_number(value: Any) -> bool:
     """A JSON number (not bool, finite) or a string parsing as a finite decimal."""
     kind = type(value)
@@ -421,6 +448,8 @@ def _decode_sf(obj: dict, msg: RawMessage, max_fields: int) -> list[Change] | Ig
     if changes:
         for name in SF_NUMERIC.get(entity, ()):
             value = changes.get(name)
+            if type(value) is float:
+                value = changes[name] = _exact_text(msg.value, name, value)
             if value is not None and not (_is_number(value) and _fits_view(name, value)):
                 raise _Dead("bad_number")
         for name in SF_REFERENCES.get(entity, ()):
@@ -550,6 +579,11 @@ def _decode_erp(obj: dict, msg: RawMessage, table: str, max_fields: int) -> list
             value = image.get(column)
             if value is None:
                 continue
+            if type(value) is float:
+                exact = _exact_text(msg.value, column, value)
+                if exact is not value:
+                    image = {**image, column: exact}
+                    value = exact
             if type(value) is str and column in scales:
                 decoded = _decode_base64_decimal(value, scales[column])
                 if decoded is not None:

@@ -4,7 +4,9 @@ the reference model: both must give the same views, and the views what CONTRACT 
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 
+import duckdb
 import pytest
 from flowkit import run_in_memory
 from test_pathological_input import ITEMS, ORDER, SF, SO, T0, erp_event, sf_event, to_messages
@@ -142,3 +144,51 @@ def test_a_decimal_string_is_plain_ascii_decimal_syntax(text, ok, tmp_path):
         assert views.dead_letters == set() and views.inventory_live["S1"].on_hand > 0
     else:
         assert {r[3] for r in views.dead_letters} == {"bad_number"} and views.inventory_live == {}
+
+
+def test_json_numbers_are_the_exact_decimals_of_their_text(tmp_path):
+    """CONTRACT §2: amounts are exact decimals parsed from the JSON text. orjson reads
+    0.12500000000000001 as the double 0.125, which rounds to 0.12, not 0.13."""
+    items = activated_order_with_one_item("S1")
+    items[1][2]["payload"]["TotalAmount"] = "@TOTAL@"
+    items[2][2]["payload"]["Quantity"] = "@QTY@"
+    items.append((ITEMS, {"sku": "S1"}, erp_event("c", "items", {"sku": "S1"}, 5)))
+    other = "801000000000002AAA"  # linked to the ERP order; ORDER keeps its open demand
+    items.append((SF, other, sf_event("CREATE", other, T0, 3, Status="Activated")))
+    before = {"order_no": "SO-1", "sf_order_id": other, "status": "OPEN", "total_amount": 7.5}
+    after = dict(before, total_amount="@ERP@")
+    update = erp_event("u", "sales_orders", after, 9)
+    update["before"] = before
+    items.append((SO, {"order_no": "SO-1"}, update))
+    msgs = to_messages(items)
+    texts = {
+        b'"@TOTAL@"': b"0.12500000000000001",
+        b'"@QTY@"': b"0.50000000000000001",
+        b'"@ERP@"': b"1.2345678901234565e13",
+    }
+    for i, m in enumerate(msgs):
+        value = m.value
+        for placeholder, text in texts.items():
+            value = value.replace(placeholder, text)
+        msgs[i] = m._replace(value=value)
+    views = run_in_memory(msgs, tmp_path / "views.duckdb")
+    assert diff(compute(msgs), views) == []
+    assert views.order_status[ORDER].sf_total == Decimal("0.13")  # the double: 0.12
+    erp_total = views.order_status[other].erp_total
+    assert erp_total == Decimal("12345678901234.56")  # ...565 exactly; the double ...564
+    assert views.inventory_live["S1"].sf_open_demand == 1  # 0.5 would round to 0
+    order = views.records[("salesforce", "Order", ORDER)].fields
+    assert order["TotalAmount"] == "0.12500000000000001"  # kept as its text
+
+
+@pytest.mark.parametrize("sf_order_id, shown", [(["x"], '["x"]'), (5, "5")])
+def test_an_orphan_named_by_a_value_that_is_no_id_shows_that_value(sf_order_id, shown, tmp_path):
+    """Such an ERP order names no Order, so it is an orphan; its detail showed an internal
+    marker (a NUL character) before the value."""
+    row = {"order_no": "SO-1", "sf_order_id": sf_order_id, "status": "OPEN", "total_amount": 1}
+    items = [(SO, {"order_no": "SO-1"}, erp_event("c", "sales_orders", row, 4))]
+    views = flow_and_reference(items, tmp_path)
+    assert views.open_exceptions == {("ORPHAN_ERP_ORDER", "SO-1")}
+    with duckdb.connect(str(tmp_path / "views.duckdb"), read_only=True) as con:
+        (detail,) = con.execute("SELECT detail FROM reconciliation_exceptions").fetchone()
+    assert detail == f"sf_order_id {shown} names no live Salesforce Order"

@@ -1132,3 +1132,26 @@ def test_generated_stream_decodes_as_labelled():
     assert "DeadLetter" not in kinds
     for o, label in zip(primary, labels, strict=True):
         assert (type(o) is Change) == (label == APPLIED), (o, label)
+
+
+@pytest.mark.parametrize(
+    "raw, value, text",
+    [
+        (b'{"q":0.12500000000000001}', 0.125, "0.12500000000000001"),
+        (b'{"q" : \n -1.2345678901234567e5}', -123456.78901234567, "-123456.78901234567"),
+        (b'{"q":1.5}', 1.5, None),  # a double holds it
+        (b'{"q":0.1250000000000000000}', 0.125, None),  # trailing zeros: exact already
+        (b'{"q":0.000000000000001}', 1e-15, None),  # leading zeros are not significant
+        (b'{"before":{"q":0.125},"after":{"q":0.12500000000000001}}', 0.125, "0.12500000000000001"),
+        (b'{"q":["q",0.1],"x":{"q":0.12500000000000001}}', 0.125, "0.12500000000000001"),
+        # two different texts with one double: which one was meant is not known
+        (b'{"a":{"q":0.12500000000000001},"b":{"q":0.125000000000000001}}', 0.125, None),
+        (b'{"q":1.0000000000000001e999}', float("inf"), None),  # beyond any double anyway
+        (b'{"q":"0.12500000000000001"}', 0.125, None),  # a string is no number
+        (b'{"q":10000000000000000000000000001}', 1e28, None),  # integers: re-parsed exactly
+    ],
+)
+def test_a_number_a_double_cannot_hold_is_read_from_its_text(raw, value, text):
+    from sferp.operators.decode_common import exact_number_text
+
+    assert exact_number_text(raw, "q", value) == text
