@@ -41,6 +41,7 @@ from typing import Any
 import orjson
 
 from sferp.broker import EmbeddedBroker
+from sferp.duckdb_connect import connect
 from sferp.usage import int_between
 
 from . import latency, memory, procs, report, workload
@@ -558,7 +559,7 @@ class Bench:
             import duckdb
 
             try:
-                with duckdb.connect(str(views), read_only=True) as con:
+                with connect(str(views), read_only=True) as con:
                     total, live = con.execute(
                         "SELECT count(*), count(*) FILTER (WHERE NOT deleted) FROM records"
                     ).fetchone()

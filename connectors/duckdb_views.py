@@ -65,6 +65,7 @@ from sferp.connectors.duckdb_schema import (
 )
 from sferp.connectors.query_server import SERVER_MAX_ROWS, QueryServer
 
+from sferp.duckdb_connect import connect, quiet
 from sferp.priority import call_lowered, lower_this_thread
 
 RowValue = str | int | bool | Decimal | float | None
@@ -379,7 +380,7 @@ class ViewsWriterPartition(StatefulSinkPartition[ViewDelta, int]):
         self._server: QueryServer | None = None
         if serve_queries:
             self._server = QueryServer(
-                self._con.cursor(),
+                quiet(self._con.cursor()),
                 path,
                 max_rows=query_max_rows,
                 timeout_s=query_timeout_s,
@@ -689,7 +690,7 @@ def _connect_writer(
                 "memory_limit": f"{memory_limit_mb}MB",
                 "checkpoint_threshold": f"{checkpoint_threshold_mb(memory_limit_mb)}MB",
             }
-            return duckdb.connect(path, config=config)
+            return connect(path, config=config)
         except duckdb.IOException as exc:
             if "lock" not in str(exc).lower() or time.monotonic() > deadline:
                 raise

@@ -61,6 +61,7 @@ from sferp.operators.decode_erp import BOUNDED_COLUMNS, PRIMARY_KEYS
 from sferp.operators.extract_routing import ExtractBatch, extract_topic
 
 from sferp.config import DEFAULT_EXTRACT_PATTERN
+from sferp.duckdb_connect import connect
 from sferp.events import (
     DELETE,
     ERP,
@@ -325,7 +326,7 @@ class TableState:
         """Open (or create) the state file."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.parent / f"{self.path.stem}.tmp"
-        con = duckdb.connect(
+        con = connect(
             str(self.path),
             config={
                 "memory_limit": f"{self.memory_limit_mb}MB",

@@ -43,6 +43,8 @@ from uuid import UUID
 import duckdb
 import orjson
 
+from sferp.duckdb_connect import connect, quiet
+
 TOKEN_HEADER = "X-Sferp-Token"
 # The most rows one answer of a running writer carries (the rows are built in its memory).
 SERVER_MAX_ROWS = 1_000_000
@@ -178,7 +180,7 @@ def _syntax_tree(sql: str) -> Any:
     global _serializer
     with _SERIALIZER_LOCK:
         if _serializer is None:
-            _serializer = duckdb.connect(":memory:", config={"enable_external_access": False})
+            _serializer = connect(":memory:", config={"enable_external_access": False})
         row = _serializer.execute("SELECT json_serialize_sql(?)", [sql]).fetchone()
     return orjson.loads(row[0]) if row else None
 
@@ -436,7 +438,7 @@ class QueryServer:
         with self._cursor_lock:
             if self._stopping:
                 raise ServerStopping("the flow is stopping")
-            cur = self._root.cursor()
+            cur = quiet(self._root.cursor())
             self._active.add(cur)
             return cur
 

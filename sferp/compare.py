@@ -19,6 +19,8 @@ from typing import Any, NamedTuple
 import duckdb
 import orjson
 
+from sferp.duckdb_connect import connect
+
 __all__ = ["InventoryRow", "OrderRow", "RecordRow", "Views", "diff", "load_views"]
 
 STAT_COLUMNS = ("consumed", "applied", "duplicates", "dead_lettered", "ignored")
@@ -114,7 +116,7 @@ def load_views(path: str | Path) -> Views:
 
     Raises ValueError when a table of CONTRACT §3.1 is missing or lacks a column.
     """
-    con = duckdb.connect(str(path), read_only=True)
+    con = connect(str(path), read_only=True)
     try:
         present = {
             row[0] for row in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()

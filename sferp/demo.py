@@ -13,11 +13,10 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import duckdb
-
 from sferp.broker import EmbeddedBroker
 from sferp.compare import diff, load_views
 from sferp.config import load_settings
+from sferp.duckdb_connect import connect
 from sferp.events import RawMessage
 from sferp.generator import GeneratorConfig, generate, produce
 from sferp.query import run_query
@@ -91,7 +90,7 @@ def cli_demo(argv: list[str]) -> int:
     if opts.stop_event.is_set():
         print(f"sferp demo: interrupted; {views} holds what was read so far", file=sys.stderr)
         return 130
-    with duckdb.connect(str(views), read_only=True) as con:
+    with connect(str(views), read_only=True) as con:
         consumed = con.execute("SELECT sum(consumed) FROM flow_stats").fetchone()[0] or 0
     print(f"flow caught up: {consumed:,} messages in {flow_s:.1f} s\n")
     for title, sql in QUERIES:

@@ -46,6 +46,7 @@ import orjson
 
 from sferp.config import ConfigError, load_settings
 from sferp.connectors.duckdb_schema import AUDIT_TABLE, quote
+from sferp.duckdb_connect import connect
 from sferp.sfid import to18
 from sferp.usage import OneLineParser
 from sferp.views_file import open_stopped, rewrite, tables
@@ -323,7 +324,7 @@ def compact(path: str) -> None:
     """Rewrite the file into a new one (no free blocks), then replace it."""
     tmp = f"{path}.compact.tmp"
     Path(tmp).unlink(missing_ok=True)
-    con = duckdb.connect()
+    con = connect()
     try:
         con.execute(f"ATTACH '{_sql_str(path)}' AS src")
         con.execute(f"ATTACH '{_sql_str(tmp)}' AS dst")

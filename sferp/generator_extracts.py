@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from sferp.duckdb_connect import connect
 from sferp.events import RawMessage
 from sferp.generator import GeneratedMessage, GeneratorConfig, partition_for
 from sferp.generator_forms import ERP_ROLES
@@ -477,13 +478,12 @@ def _write_jsonl(
 def _write_parquet(
     path: Path, table: str, columns: list[str], rows: list[tuple[dict[str, Any], bool]]
 ) -> None:
-    import duckdb
 
     types = dict(COLUMNS[table])
     decl = ", ".join(
         f'"{c}" ' + ("BOOLEAN" if c == DELETE_COLUMN else _PARQUET_TYPES[types[c]]) for c in columns
     )
-    con = duckdb.connect()
+    con = connect()
     try:
         con.execute(f"CREATE TABLE x ({decl})")
         data = []

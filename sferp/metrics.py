@@ -72,6 +72,7 @@ from sferp.connectors import sf_stats
 from sferp.connectors.duckdb_schema import TABLES
 from sferp.connectors.kafka import end_offsets, read_positions, unread_topics
 from sferp.connectors.query_server import TOKEN_HEADER, endpoint_path
+from sferp.duckdb_connect import connect
 from sferp.events import RawMessage
 from sferp.operators.facts import GLOBAL_IN, TICK
 from sferp.stage_time import StageClock
@@ -202,7 +203,7 @@ def read_view_totals(views_path: str) -> ViewTotals | None:
     if not os.path.exists(views_path):
         return None
     try:
-        con = duckdb.connect(views_path, read_only=True, config={"enable_external_access": False})
+        con = connect(views_path, read_only=True, config={"enable_external_access": False})
     except duckdb.Error:
         return None
     try:

@@ -41,6 +41,7 @@ from sferp.connectors.query_server import (
     endpoint_path,
     execute_read_only,
 )
+from sferp.duckdb_connect import connect
 from sferp.usage import MAX_ROWS, OneLineParser, int_between, timeout_seconds
 
 DEFAULT_VIEWS = "data/views.duckdb"
@@ -217,7 +218,7 @@ def _query_file(
     if not os.path.exists(views_path):
         raise QueryFailed(f"no views file at {views_path} (run a flow first, or pass --views)", 2)
     try:
-        con = duckdb.connect(views_path, read_only=True, config={"enable_external_access": False})
+        con = connect(views_path, read_only=True, config={"enable_external_access": False})
     except duckdb.Error as exc:
         text = str(exc)
         if "lock" in text.lower():

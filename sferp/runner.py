@@ -135,6 +135,20 @@ def _stop_while_forming(
     return undo
 
 
+def start_views_file(path: str, settings: Settings) -> None:
+    """Empty the views file for a run without recovery state, with a zero `flow_stats`
+    row per input topic.
+
+    Such a run rebuilds the views from what it reads, but the writer opens its file
+    with the first message that reaches it: without this, a run that read nothing
+    (empty topics, `--start latest`) left no file, or the previous run's rows.
+    """
+    from sferp.connectors.duckdb_views import write_views_file
+
+    zero = {(t,): (t, 0, 0, 0, 0, 0, 0) for t in sorted(settings.topics.input_roles())}
+    write_views_file(path, [{"flow_stats": zero}])
+
+
 def check_views_path(path: str) -> None:
     """Raise ConfigError naming `views.path` unless the views file can be opened for writing.
 
@@ -263,6 +277,8 @@ def run_flow(settings: Settings, opts: RunOptions) -> int:
     from sferp.metrics import recovery_has_state
 
     resuming = recovery_has_state(opts.recovery_dir)
+    if opts.process_id in (None, 0) and not resuming:
+        start_views_file(opts.views_path or settings.views.path, settings)
     recovery_config = (
         prepare_recovery(opts.recovery_dir, opts.process_id) if opts.recovery_dir else None
     )

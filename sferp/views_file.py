@@ -12,13 +12,15 @@ from contextlib import contextmanager
 
 import duckdb
 
+from sferp.duckdb_connect import connect
+
 
 def open_stopped(
     path: str, command: str, error: Callable[[str], Exception]
 ) -> duckdb.DuckDBPyConnection:
     """Open `path` read-write; raise `error(message)` when a flow (or a query) holds it."""
     try:
-        return duckdb.connect(path, config={"enable_external_access": False})
+        return connect(path, config={"enable_external_access": False})
     except duckdb.IOException as exc:
         if "lock" in str(exc).lower():
             raise error(

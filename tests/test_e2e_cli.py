@@ -232,6 +232,29 @@ def test_bounded_run_reads_the_topics_that_exist(broker, topics, tmp_path):
         assert not any(views.flow_stats.get(names[role], {}).values())
 
 
+def test_a_run_that_reads_nothing_leaves_a_views_file_of_nothing(broker, world, tmp_path):
+    """CONTRACT §3.1: flow_stats has a row per input topic. The writer opens its file with
+    the first message, so empty topics left no file, and a run from the end of the
+    topics (`--start latest`, no recovery state) left the previous run's rows."""
+    names, config = world
+    views_path = tmp_path / "v.duckdb"
+    run_until_caught_up(broker, config, views_path)  # empty topics
+    rows = query_rows(views_path, "SELECT * FROM flow_stats ORDER BY topic")
+    assert rows == [
+        dict(
+            topic=names[r], consumed=0, applied=0, duplicates=0, late=0, dead_lettered=0, ignored=0
+        )
+        for r in sorted(ROLES, key=lambda r: names[r])
+    ]
+    produce(gen_config(names, 30, seed=8), broker.bootstrap, create_topics=False)
+    run_until_caught_up(broker, config, views_path)
+    assert query_rows(views_path, "SELECT count(*) AS n FROM records")[0]["n"] > 0
+    run_until_caught_up(broker, config, views_path, "--start", "latest")
+    assert query_rows(views_path, "SELECT count(*) AS n FROM records")[0]["n"] == 0
+    stats = query_rows(views_path, "SELECT sum(consumed) AS n, count(*) AS topics FROM flow_stats")
+    assert stats == [{"n": 0, "topics": len(ROLES)}]
+
+
 def test_a_cluster_process_waiting_for_its_peer_stops_on_sigterm(broker, world, tmp_path):
     """Bytewax holds the main thread while the cluster connects, so the flow's handler
     cannot run: before, only SIGKILL stopped a process whose peer never came."""

@@ -649,3 +649,28 @@ def test_a_cursor_closed_but_not_yet_handed_back_does_not_fail_the_stop(tmp_path
     w.close()
     assert time.monotonic() - started < 5
     later.join()
+
+
+def test_no_connection_draws_a_progress_bar(tmp_path: Path) -> None:
+    """DuckDB draws a progress bar on standard output for statements over 2 s: emptying
+    a big views file for a rebuild drew one into the flow's log. Off for the writer, the
+    cursors it serves queries on, and every other connection sferp opens. (Checked in a
+    process of its own: under pytest, DuckDB starts with it off.)"""
+    script = textwrap.dedent(
+        f"""
+        from sferp.connectors.duckdb_views import ViewsWriterPartition
+        from sferp.duckdb_connect import connect
+        setting = "SELECT current_setting('enable_progress_bar')"
+        w = ViewsWriterPartition({str(tmp_path / "v.duckdb")!r}, None, commit_interval_s=0)
+        cur = w._server.new_cursor()
+        print(w._con.execute(setting).fetchone()[0], cur.execute(setting).fetchone()[0])
+        w._server.release(cur)
+        w.close()
+        print(connect().execute(setting).fetchone()[0])
+        import duckdb
+        print(duckdb.connect().execute(setting).fetchone()[0])  # DuckDB's default here
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False", "False", "False", "True"]
