@@ -120,6 +120,9 @@ class CoordinatorState:
     def __init__(self) -> None:
         self.stats: dict[str, list[int]] = {}
         self.clock = 0  # largest event time of any event not dead-lettered
+        # Wall-clock ms when `clock` was last raised: a live clock ages from it, also
+        # across a restart from a snapshot (Bytewax's EventClock snapshots it too).
+        self.clock_wall = 0
         self.open: dict[tuple[str, str], list] = {}  # (kind, key) -> [detail, first, last]
         self.pending: dict[str, int] = {}  # order -> activated_at (hand-off candidates)
         self.overdue: set[str] = set()
@@ -132,6 +135,7 @@ class CoordinatorState:
     def __setstate__(self, state: dict[str, Any]) -> None:
         state.setdefault("outbox", {})  # snapshots taken before the outbox existed
         state.setdefault("lineage", {})  # ... and before hand-offs kept their lineage
+        state.setdefault("clock_wall", 0)  # ... and before the clock's wall time was kept
         self.__dict__.update(state)
 
 
@@ -162,15 +166,20 @@ class Coordinator:
         self.topics = topics
         self.live = live
         self.skew = max_future_skew_ms
-        self._anchor_wall = _wall_ms()
+        if not state.clock_wall:  # a new state, or a snapshot from before clock_wall
+            state.clock_wall = _wall_ms()
 
     def now(self) -> int:
-        """The flow's clock: event time, aged by wall clock when live (CONTRACT §2)."""
+        """The flow's clock: event time, aged by wall clock when live (CONTRACT §2).
+
+        It ages from when the largest event time was seen, downtime included: after a
+        restart from a snapshot the flow's "now" is where it would have been.
+        """
         c = self.state.clock
         if not self.live:
             return c
         wall = _wall_ms()
-        aged = c + max(0, wall - self._anchor_wall) if c else 0
+        aged = c + max(0, wall - self.state.clock_wall) if c else 0
         return min(aged, wall + self.skew) if c else 0
 
     def process(self, inputs: list[GlobalInput]) -> tuple[dict, list]:
@@ -192,7 +201,7 @@ class Coordinator:
                 touched_topics.add(topic)
             if gi.clock is not None and gi.clock > st.clock:
                 st.clock = gi.clock
-                self._anchor_wall = _wall_ms()
+                st.clock_wall = _wall_ms()
             if gi.dead_letters:
                 dl_rows = delta.setdefault("dead_letters", {})
                 for d in gi.dead_letters:

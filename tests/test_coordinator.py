@@ -105,6 +105,33 @@ def test_live_clock_ages_with_wall_clock_and_is_capped(monkeypatch):
     assert c.now() == wall[0] + 5 * MIN
 
 
+def test_live_clock_ages_across_a_restart_from_a_snapshot(monkeypatch):
+    """CONTRACT §2: the live clock advances by the wall-clock time since the largest event
+    time was seen, as Bytewax's EventClock does (it snapshots that moment): downtime
+    counts, so a hand-off due during the downtime is overdue at once after the restart."""
+    wall = [1_800_000_000_000]
+    monkeypatch.setattr(coord_mod, "_wall_ms", lambda: wall[0])
+    c = make(live=True)
+    t0 = wall[0] - 5_000
+    c.process([gi(clock=t0, handoffs=[HandoffCandidate("801B", t0)])])
+    wall[0] += 5_000
+    snapshot = pickle.dumps(c.state)
+    wall[0] += 30 * MIN  # stopped for half an hour
+    restored = Coordinator(
+        pickle.loads(snapshot), handoff_sla_ms=15 * MIN, topics=OutputTopics(), live=True
+    )
+    assert restored.now() == t0 + 5_000 + 30 * MIN
+    delta, _ = restored.tick()
+    assert ("HANDOFF_OVERDUE", "801B") in delta["reconciliation_exceptions"]
+    old = CoordinatorState()
+    old.clock = t0
+    del old.__dict__["clock_wall"]  # a snapshot from before the clock's wall time was kept
+    aged_from_start = Coordinator(
+        pickle.loads(pickle.dumps(old)), handoff_sla_ms=15 * MIN, topics=OutputTopics(), live=True
+    )
+    assert aged_from_start.now() == t0
+
+
 def test_bounded_clock_is_the_largest_event_time():
     c = make()
     c.process([gi(clock=5), gi(clock=3)])
