@@ -442,6 +442,23 @@ class ProductsStage:
         return [(dest, (FACTS, lst)) for dest, lst in out.items()]
 
 
+def _erp_position(identity: str) -> int:
+    """The log position an ERP identity ends with (`erp|<table>|<key>|<lsn>`); -1 if none."""
+    try:
+        return int(identity.rpartition("|")[2])
+    except ValueError:
+        return -1
+
+
+def _latest_erp(current: str, new: str) -> str:
+    """The identity of the later ERP event: an sku row's lineage names the latest one
+    (CONTRACT §3.2), whichever of its item and inventory rows arrived last. Debezium's
+    lsn orders the changes of all tables of one database."""
+    if not current or _erp_position(new) >= _erp_position(current):
+        return new
+    return current
+
+
 @compact_pickle
 class SkuNode:
     """One sku: ERP inventory rows, the ERP item, and Salesforce demand per product."""
@@ -500,10 +517,10 @@ class SkusStage:
                         node.inventory[f.record_key] = new
                         node.on_hand += new[0]
                         node.allocated += new[1]
-                    node.erp_ident = f.identity
+                    node.erp_ident = _latest_erp(node.erp_ident, f.identity)
                 elif isinstance(f, ErpItemFact):
                     node.item_live = f.live
-                    node.erp_ident = f.identity
+                    node.erp_ident = _latest_erp(node.erp_ident, f.identity)
                 else:  # SkuDemandFact
                     old_q = node.demand.pop(f.product_id, None)
                     if old_q is not None:
