@@ -142,7 +142,8 @@ class FlowSettings(_Section):
     snapshot_interval_s: float = Field(5, gt=0, le=DAY_S)
     batch_size: int = Field(8000, ge=1)
     # Live reading: each partition's records wait for the next multiple of this on the wall
-    # clock, so all partitions hand over together (fewer, larger batches; README "Performance").
+    # clock, so all partitions hand over together (fewer, larger batches;
+    # docs/performance-history.md).
     linger_ms: int = Field(100, ge=0, le=10_000)
     # Added to the nice value of the views writer's commits (and DuckDB's threads) and of
     # the Kafka output producer: a worker thread keeps its core (sferp/priority.py).

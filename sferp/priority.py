@@ -11,7 +11,7 @@ the worker leaves it idle (the views commit coalesces what piled up meanwhile, a
 past a backlog the worker commits itself: duckdb_views._BACKLOG_ROWS). With the
 background at nice 19 the worker's wait fell to 11.3 %; with the default
 `flow.background_nice = 10`, bounded runs took 5.7 % less time and live p99
-latency at 80 % load fell (README "Performance and capacity planning").
+latency at 80 % load fell (docs/performance-history.md).
 
 Linux only: it has per-thread nice values, which threads inherit when they start.
 Elsewhere nothing changes. Raising one's own nice value needs no privilege.
