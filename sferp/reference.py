@@ -579,11 +579,6 @@ def _decode_erp(obj: dict, msg: RawMessage, table: str, max_fields: int) -> list
             value = image.get(column)
             if value is None:
                 continue
-            if type(value) is float:
-                exact = _exact_text(msg.value, column, value)
-                if exact is not value:
-                    image = {**image, column: exact}
-                    value = exact
             if type(value) is str and column in scales:
                 decoded = _decode_base64_decimal(value, scales[column])
                 if decoded is not None:
@@ -591,6 +586,11 @@ def _decode_erp(obj: dict, msg: RawMessage, table: str, max_fields: int) -> list
                         raise _Dead("bad_number")
                     image = {**image, column: decoded}
                     continue
+            if type(value) is float:  # (a number's text is no base64, whatever its digits)
+                exact = _exact_text(msg.value, column, value)
+                if exact is not value:
+                    image = {**image, column: exact}
+                    value = exact
             if not (_is_number(value) and _fits_view(column, value)):
                 raise _Dead("bad_number")
 

@@ -874,3 +874,20 @@ def test_memory_is_bounded_on_hostile_input():
 
 
 RAW_TEXT_BYTES = 65_536 + 100  # a dead letter's raw text (ASCII), with its str header
+
+
+def test_a_long_number_in_a_decimal_column_is_its_text_not_base64():
+    """Found by the mutation fuzzer: a JSON number with more digits than a double holds,
+    in a column the schema declares as Kafka Connect Decimal, is kept as its exact text;
+    the reference once took that text (only digits) for base64."""
+    value = (
+        b'{"schema": {"type": "struct", "fields": [{"type": "struct", "fields": [{"type": '
+        b'"bytes", "name": "org.apache.kafka.connect.data.Decimal", "parameters": {"scale": '
+        b'"0"}, "field": "list_price"}, {"type": "string", "field": "sku"}], "field": '
+        b'"after"}]}, "payload": {"op": "c", "source": {"ts_ms": 0, "table": "items", '
+        b'"lsn": 0}, "before": null, "after": {"sku": "S", "list_price": 2.3472252676380112e+299}}}'
+    )
+    msg = RawMessage("erp.public.items", 1, 1001, None, value, -1)
+    out = decode_batch([msg], CFG)
+    check_against_reference([msg], out)
+    assert out[0].fields["list_price"] == "23472252676380112" + "0" * 283
