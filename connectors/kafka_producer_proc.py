@@ -60,16 +60,37 @@ def _serve(conn: Any, config: dict[str, Any], bootstrap: str, nice: int = 0) -> 
         conn.send((False, f"cannot start the producer: {exc!r}"))
         return
     conn.send((True, None))
+    try:
+        _answer_until_closed(conn, part)
+    except _ParentGone:
+        # The parent died without closing (kill -9): stop at once, unflushed.
+        # Everything before its last snapshot was flushed then; the rest is
+        # replayed after the resume, and a late delivery from here (kafka-python's
+        # exit hook would flush) could land after the resumed run restored a key
+        # (kafka_outputs.py).
+        os._exit(0)
+
+
+class _ParentGone(Exception):
+    """The pipe to the parent ended: EOF between messages, or an OSError ("got end of
+    file during message", a reset or broken pipe) within one or while answering."""
+
+
+def _answer_until_closed(conn: Any, part: _KafkaSinkPartition) -> None:
+    """Send, flush and close as the parent asks; return after close."""
+
+    def answer(reply: tuple[bool, str | None]) -> None:
+        try:
+            conn.send(reply)
+        except OSError:
+            raise _ParentGone from None
+
     failure: str | None = None
     while True:
         try:
             raw = conn.recv_bytes()
-        except EOFError:
-            # The parent died without closing (kill -9): stop at once, unflushed.
-            # Everything before its last snapshot was flushed then; the rest is
-            # replayed after the resume, and a late delivery from here could
-            # land after the resumed run restored a key (kafka_outputs.py).
-            os._exit(0)
+        except (EOFError, OSError):
+            raise _ParentGone from None
         op, items = pickle.loads(raw)
         try:
             if op == _SEND:
@@ -82,11 +103,11 @@ def _serve(conn: Any, config: dict[str, Any], bootstrap: str, nice: int = 0) -> 
                 part.close()
         except KafkaConnectorError as exc:
             if failure is None and op == _SEND:
-                conn.send((False, str(exc)))  # unsolicited: the parent's next call raises
+                answer((False, str(exc)))  # unsolicited: the parent's next call raises
             failure = failure or str(exc)
         if op == _SEND:
             continue
-        conn.send((failure is None, failure))
+        answer((failure is None, failure))
         if op == _CLOSE:
             return
 

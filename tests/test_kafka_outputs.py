@@ -186,3 +186,37 @@ def test_an_interpreter_exit_with_a_producer_still_open_does_not_hang(broker, tm
         [sys.executable, str(script), broker.bootstrap], capture_output=True, text=True, timeout=60
     )
     assert r.returncode == 0 and r.stdout == "started\n", r.stderr[-2000:]
+
+
+def test_a_parent_killed_in_the_middle_of_a_message_stops_the_producer_unflushed(broker, topics):
+    """The child must stop at once, without kafka-python's flush at exit, however the pipe
+    ends: a late delivery could land after the resumed run restored the topics. A parent
+    killed while writing leaves half a message ("got end of file during message", an
+    OSError, not the EOFError of a clean end), which ended the child normally: it printed
+    a traceback and flushed what it held."""
+    import multiprocessing
+    import os
+    import pickle
+    import struct
+
+    from kafka import KafkaConsumer, TopicPartition
+    from sferp.connectors.kafka_producer_proc import _SEND, _serve
+
+    (topic,) = topics({"out": 1}).values()
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    config = {"bootstrap_servers": broker.bootstrap, "linger_ms": 60_000}  # holds records
+    proc = ctx.Process(target=_serve, args=(child, config, broker.bootstrap))
+    proc.start()
+    child.close()
+    assert parent.recv() == (True, None)
+    items = [(topic, f"k{i}".encode(), b"v") for i in range(100)]
+    parent.send_bytes(pickle.dumps((_SEND, items)))
+    os.write(parent.fileno(), struct.pack("!i", 1000) + b"half a message")
+    parent.close()
+    proc.join(30)
+    assert proc.exitcode == 0
+    consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap, consumer_timeout_ms=3000)
+    tp = TopicPartition(topic, 0)
+    assert consumer.end_offsets([tp])[tp] == 0  # nothing was sent after the parent died
+    consumer.close()
