@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sferp.config import ConfigError
+from sferp.run_identity import STORE_FILE
 
 log = logging.getLogger("sferp")
 
@@ -82,7 +83,7 @@ def prepare_recovery(
                     # writes the store only once every process has joined.
                     discard_unfinished_snapshots(path)
                 return RecoveryConfig(str(path))
-            ours = (_LOCK, _SCRATCH, _RUN_LOCK)
+            ours = (_LOCK, _SCRATCH, _RUN_LOCK, STORE_FILE)
             strangers = [p.name for p in path.iterdir() if p.name not in ours]
             if strangers:
                 raise ConfigError(

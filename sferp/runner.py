@@ -135,6 +135,22 @@ def _stop_while_forming(
     return undo
 
 
+def _prepare_views(settings: Settings, opts: RunOptions, resuming: bool) -> None:
+    """Before the dataflow (with the recovery store's run lock held): a resume checks
+    that the views file and its Kafka mirror are the store's (sferp/run_identity.py); a
+    fresh start empties the views file and stamps the three with a new run id."""
+    from sferp.connectors.kafka_outputs import mirror_path
+    from sferp.run_identity import check_resume, stamp_all
+
+    views = opts.views_path or settings.views.path
+    mirror = mirror_path(views) if opts.recovery_dir else None
+    if resuming:
+        check_resume(views, mirror, opts.recovery_dir)  # type: ignore[arg-type]
+    else:
+        start_views_file(views, settings)
+        stamp_all(views, mirror, opts.recovery_dir)
+
+
 def start_views_file(path: str, settings: Settings) -> None:
     """Empty the views file for a run without recovery state, with a zero `flow_stats`
     row per input topic.
@@ -260,9 +276,6 @@ def run_flow(settings: Settings, opts: RunOptions) -> int:
         # inside workers as a panic with a backtrace).
         from sferp.connectors.kafka import list_partitions
 
-        if opts.process_id in (None, 0):  # the process that writes the views
-            check_views_path(opts.views_path or settings.views.path)
-
         list_partitions(
             settings.kafka.bootstrap,
             list(settings.topics.input_roles()),
@@ -277,12 +290,14 @@ def run_flow(settings: Settings, opts: RunOptions) -> int:
     from sferp.metrics import recovery_has_state
 
     resuming = recovery_has_state(opts.recovery_dir)
-    if opts.process_id in (None, 0) and not resuming:
-        start_views_file(opts.views_path or settings.views.path, settings)
     recovery_config = (
         prepare_recovery(opts.recovery_dir, opts.process_id) if opts.recovery_dir else None
     )
     try:
+        if opts.process_id in (None, 0):  # the process that writes the views
+            if opts.preflight:  # after the store's run lock: a rolling update waits there
+                check_views_path(opts.views_path or settings.views.path)
+            _prepare_views(settings, opts, resuming)
         return _run_prepared(settings, opts, recovery_config, resuming)
     finally:
         if recovery_config is not None:

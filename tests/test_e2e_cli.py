@@ -255,6 +255,42 @@ def test_a_run_that_reads_nothing_leaves_a_views_file_of_nothing(broker, world, 
     assert stats == [{"n": 0, "topics": len(ROLES)}]
 
 
+def test_a_resume_refuses_the_files_of_another_run(broker, world, tmp_path):
+    """Both runs count snapshots alike, so another run's views file (or Kafka mirror) held
+    the snapshot the store names: it was rolled back to it silently, and the resumed run
+    went on with another world's views (exit 0)."""
+    import shutil
+
+    from sferp.connectors.kafka_outputs import mirror_path
+
+    names, config = world
+    produce(gen_config(names, 30, seed=9), broker.bootstrap, create_topics=False)
+    a, b = tmp_path / "a", tmp_path / "b"
+    for run in (a, b):
+        run_until_caught_up(broker, config, run / "v.duckdb", "--recovery-dir", str(run / "r"))
+    # Another run's views file at this run's path: refused, and the file is not touched.
+    shutil.copy(b / "v.duckdb", tmp_path / "b-copy.duckdb")
+    r = sferp_run(
+        broker, config, tmp_path / "b-copy.duckdb", "--until-caught-up", "--recovery-dir", a / "r"
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "was not written by the run whose recovery store is" in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert "panicked" not in r.stderr and last.startswith(
+        "sferp run: configuration error: views.path"
+    )
+    # Another run's Kafka mirror beside this run's views file: refused too.
+    shutil.copy(mirror_path(str(b / "v.duckdb")), mirror_path(str(a / "v.duckdb")))
+    r = sferp_run(broker, config, a / "v.duckdb", "--until-caught-up", "--recovery-dir", a / "r")
+    assert r.returncode == 2 and "the Kafka mirror" in r.stderr, r.stderr[-2000:]
+    # A missing views file with a store that resumes it: said before the flow starts.
+    r = sferp_run(
+        broker, config, tmp_path / "gone.duckdb", "--until-caught-up", "--recovery-dir", b / "r"
+    )
+    assert r.returncode == 2 and "does not exist, but the recovery store" in r.stderr
+    run_until_caught_up(broker, config, b / "v.duckdb", "--recovery-dir", str(b / "r"))
+
+
 def test_a_cluster_process_waiting_for_its_peer_stops_on_sigterm(broker, world, tmp_path):
     """Bytewax holds the main thread while the cluster connects, so the flow's handler
     cannot run: before, only SIGKILL stopped a process whose peer never came."""

@@ -1,0 +1,127 @@
+"""Which run a views file, its Kafka mirror and a recovery store belong to.
+
+A resume rolls the views file and the Kafka mirror back to the snapshot the
+recovery store names. Snapshot numbers are small positions that every run counts
+alike, so the files of another run (a copied or swapped `--views`, a backup of
+another deployment) could hold the same numbers and were rolled back without a
+word: the run went on with another world's views. A run that starts afresh stamps
+the three with one random id; a resume first checks that they carry the same one,
+and refuses in one line otherwise (before the dataflow starts).
+
+Stores written before the stamp existed carry none and are not checked.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import uuid
+from pathlib import Path
+
+import duckdb
+
+from sferp.config import ConfigError
+from sferp.duckdb_connect import connect
+
+STORE_FILE = ".sferp-run-id"  # in the recovery dir, beside Bytewax's partitions
+_SCHEMA = "sferp_sink"  # the views file's internal schema (connectors/duckdb_views.py)
+
+
+def new_run_id() -> str:
+    """A random id for a run that starts afresh."""
+    return uuid.uuid4().hex
+
+
+def stamp_views(path: str, run_id: str) -> None:
+    """Record `run_id` in the views file (which exists: the run just emptied it)."""
+    with connect(path, config={"enable_external_access": False}) as con:
+        con.execute(f"CREATE SCHEMA IF NOT EXISTS {_SCHEMA}")
+        con.execute(
+            f"CREATE TABLE IF NOT EXISTS {_SCHEMA}.run (id INTEGER PRIMARY KEY, run_id VARCHAR)"
+        )
+        con.execute(f"INSERT OR REPLACE INTO {_SCHEMA}.run VALUES (1, ?)", [run_id])
+
+
+def views_run_id(path: str) -> str | None:
+    """The id a views file was stamped with; None when it has none."""
+    with connect(path, read_only=True, config={"enable_external_access": False}) as con:
+        try:
+            row = con.execute(f"SELECT run_id FROM {_SCHEMA}.run").fetchone()
+        except duckdb.CatalogException:
+            return None
+    return None if row is None else str(row[0])
+
+
+def stamp_mirror(path: str, run_id: str) -> None:
+    """Record `run_id` in the Kafka mirror file (created when missing)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    con = sqlite3.connect(path, isolation_level=None)
+    try:
+        con.execute("CREATE TABLE IF NOT EXISTS run (id INTEGER PRIMARY KEY, run_id TEXT)")
+        con.execute("INSERT OR REPLACE INTO run VALUES (1, ?)", [run_id])
+    finally:
+        con.close()
+
+
+def mirror_run_id(path: str) -> str | None:
+    """The id a Kafka mirror file was stamped with; None when it has none."""
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        row = con.execute("SELECT run_id FROM run").fetchone()
+    except sqlite3.OperationalError:  # no such table
+        return None
+    finally:
+        con.close()
+    return None if row is None else str(row[0])
+
+
+def stamp_store(recovery_dir: str, run_id: str) -> None:
+    """Record `run_id` in the recovery dir (written whole, then renamed into place)."""
+    final = Path(recovery_dir) / STORE_FILE
+    tmp = final.with_name(final.name + ".tmp")
+    tmp.write_text(run_id + "\n")
+    os.replace(tmp, final)
+
+
+def store_run_id(recovery_dir: str) -> str | None:
+    """The id the recovery store was stamped with; None for a store from before stamps."""
+    try:
+        return (Path(recovery_dir) / STORE_FILE).read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def stamp_all(views_path: str, mirror: str | None, recovery_dir: str | None) -> str:
+    """Stamp a fresh start's views file, mirror and store with one new id (the store last:
+    a crash before it leaves a store without snapshots, which starts afresh again)."""
+    run_id = new_run_id()
+    stamp_views(views_path, run_id)
+    if mirror is not None:
+        stamp_mirror(mirror, run_id)
+    if recovery_dir is not None:
+        stamp_store(recovery_dir, run_id)
+    return run_id
+
+
+def check_resume(views_path: str, mirror: str | None, recovery_dir: str) -> None:
+    """Raise ConfigError (one line) unless the files a resume rolls back belong to the run
+    whose recovery store it resumes from."""
+    want = store_run_id(recovery_dir)
+    if want is None:
+        return
+    rebuild = "or rebuild the views with a new recovery dir and views file"
+    if not os.path.exists(views_path):
+        raise ConfigError(
+            f"views.path: {views_path} does not exist, but the recovery store {recovery_dir} "
+            f"resumes it; restore that file, {rebuild}"
+        )
+    if views_run_id(views_path) != want:
+        raise ConfigError(
+            f"views.path: {views_path} was not written by the run whose recovery store is "
+            f"{recovery_dir}; give that run's views file, {rebuild}"
+        )
+    if mirror is not None and os.path.exists(mirror) and mirror_run_id(mirror) != want:
+        raise ConfigError(
+            f"views.path: the Kafka mirror {mirror} beside it was not written by the run whose "
+            f"recovery store is {recovery_dir}; give that run's files, {rebuild}"
+        )
