@@ -123,6 +123,7 @@ class CoordinatorState:
         # Wall-clock ms when `clock` was last raised: a live clock ages from it, also
         # across a restart from a snapshot (Bytewax's EventClock snapshots it too).
         self.clock_wall = 0
+        self.sla: int | None = None  # flow.handoff_sla_s (ms) the overdue set was judged by
         self.open: dict[tuple[str, str], list] = {}  # (kind, key) -> [detail, first, last]
         self.pending: dict[str, int] = {}  # order -> activated_at (hand-off candidates)
         self.overdue: set[str] = set()
@@ -136,6 +137,7 @@ class CoordinatorState:
         state.setdefault("outbox", {})  # snapshots taken before the outbox existed
         state.setdefault("lineage", {})  # ... and before hand-offs kept their lineage
         state.setdefault("clock_wall", 0)  # ... and before the clock's wall time was kept
+        state.setdefault("sla", None)  # ... and before the hand-off SLA was kept
         self.__dict__.update(state)
 
 
@@ -163,6 +165,11 @@ class Coordinator:
             state.stats.setdefault(topic, [0, 0, 0, 0, 0, 0])
         self._unwritten = set(input_topics)
         self.sla = handoff_sla_ms
+        # A restart with a longer flow.handoff_sla_s: the orders overdue under the old one
+        # are judged again at the next check (a shorter one needs nothing: the orders not
+        # overdue yet are all still waiting in the heap).
+        self._sla_raised = state.sla is not None and handoff_sla_ms > state.sla
+        state.sla = handoff_sla_ms
         self.topics = topics
         self.live = live
         self.skew = max_future_skew_ms
@@ -350,6 +357,18 @@ class Coordinator:
         st = self.state
         now = self.now()
         heap = st.heap
+        if self._sla_raised:
+            self._sla_raised = False
+            for oid in sorted(st.overdue):
+                activated = st.pending.get(oid)
+                if activated is not None and now - activated <= self.sla:
+                    st.overdue.discard(oid)
+                    heapq.heappush(heap, (activated, oid))
+                    detail = f"hand-off SLA raised to {self.sla / 60_000:g} min"
+                    fact = ExceptionFact(
+                        "HANDOFF_OVERDUE", oid, False, detail, st.clock, st.lineage.get(oid)
+                    )
+                    self._exception(fact, delta, kafka)
         while heap and now - heap[0][0] > self.sla:
             activated, oid = heapq.heappop(heap)
             if st.pending.get(oid) != activated or oid in st.overdue:

@@ -13,10 +13,12 @@ Stores written before the stamp existed carry none and are not checked.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import uuid
 from pathlib import Path
+from typing import Any
 
 import duckdb
 
@@ -75,23 +77,31 @@ def mirror_run_id(path: str) -> str | None:
     return None if row is None else str(row[0])
 
 
-def stamp_store(recovery_dir: str, run_id: str) -> None:
-    """Record `run_id` in the recovery dir (written whole, then renamed into place)."""
+def stamp_store(recovery_dir: str, run_id: str, topics: dict[str, str]) -> None:
+    """Record `run_id` and the topics in the recovery dir (written whole, then renamed)."""
     final = Path(recovery_dir) / STORE_FILE
     tmp = final.with_name(final.name + ".tmp")
-    tmp.write_text(run_id + "\n")
+    tmp.write_text(json.dumps({"run_id": run_id, "topics": topics}, sort_keys=True) + "\n")
     os.replace(tmp, final)
 
 
-def store_run_id(recovery_dir: str) -> str | None:
-    """The id the recovery store was stamped with; None for a store from before stamps."""
+def read_store(recovery_dir: str) -> dict[str, Any] | None:
+    """What the recovery store was stamped with; None for a store from before stamps."""
     try:
-        return (Path(recovery_dir) / STORE_FILE).read_text().strip() or None
+        doc = json.loads((Path(recovery_dir) / STORE_FILE).read_text())
     except FileNotFoundError:
         return None
+    except ValueError:
+        raise ConfigError(
+            f"--recovery-dir: {recovery_dir}/{STORE_FILE} is damaged; rebuild the views "
+            "with a new recovery dir and views file"
+        ) from None
+    return doc if isinstance(doc, dict) else None
 
 
-def stamp_all(views_path: str, mirror: str | None, recovery_dir: str | None) -> str:
+def stamp_all(
+    views_path: str, mirror: str | None, recovery_dir: str | None, topics: dict[str, str]
+) -> str:
     """Stamp a fresh start's views file, mirror and store with one new id (the store last:
     a crash before it leaves a store without snapshots, which starts afresh again)."""
     run_id = new_run_id()
@@ -99,17 +109,31 @@ def stamp_all(views_path: str, mirror: str | None, recovery_dir: str | None) -> 
     if mirror is not None:
         stamp_mirror(mirror, run_id)
     if recovery_dir is not None:
-        stamp_store(recovery_dir, run_id)
+        stamp_store(recovery_dir, run_id, topics)
     return run_id
 
 
-def check_resume(views_path: str, mirror: str | None, recovery_dir: str) -> None:
+def check_resume(
+    views_path: str, mirror: str | None, recovery_dir: str, topics: dict[str, str]
+) -> None:
     """Raise ConfigError (one line) unless the files a resume rolls back belong to the run
-    whose recovery store it resumes from."""
-    want = store_run_id(recovery_dir)
-    if want is None:
+    whose recovery store it resumes from, and the topics are the ones it was built with.
+
+    A topic changed under a recovery store would mix: the state holds what the old input
+    topics said, and a renamed output topic would get only the rows that change later.
+    """
+    store = read_store(recovery_dir)
+    if store is None:
         return
     rebuild = "or rebuild the views with a new recovery dir and views file"
+    for role, was in sorted((store.get("topics") or {}).items()):
+        now = topics.get(role, "")
+        if now != was:
+            raise ConfigError(
+                f"topics.{role}: {now!r}, but the recovery store {recovery_dir} was built "
+                f"with {was!r}; keep it, {rebuild} to switch topics"
+            )
+    want = store.get("run_id")
     if not os.path.exists(views_path):
         raise ConfigError(
             f"views.path: {views_path} does not exist, but the recovery store {recovery_dir} "

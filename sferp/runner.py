@@ -144,11 +144,14 @@ def _prepare_views(settings: Settings, opts: RunOptions, resuming: bool) -> None
 
     views = opts.views_path or settings.views.path
     mirror = mirror_path(views) if opts.recovery_dir else None
+    # The topics the state depends on: the inputs, and the compacted outputs, whose keys a
+    # renamed topic would lack (a DLQ may move: its records are not restated).
+    topics = {k: v for k, v in settings.topics.model_dump().items() if k != "dlq"}
     if resuming:
-        check_resume(views, mirror, opts.recovery_dir)  # type: ignore[arg-type]
+        check_resume(views, mirror, opts.recovery_dir, topics)  # type: ignore[arg-type]
     else:
         start_views_file(views, settings)
-        stamp_all(views, mirror, opts.recovery_dir)
+        stamp_all(views, mirror, opts.recovery_dir, topics)
 
 
 def start_views_file(path: str, settings: Settings) -> None:

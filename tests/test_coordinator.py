@@ -334,3 +334,26 @@ def test_iso_cache_gives_each_millisecond_its_own_text(values):
     for ms in values + values:  # the second pass is served from the caches
         expected = datetime.fromtimestamp(ms // 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S")
         assert iso(ms) == f"{expected}.{ms % 1000:03d}Z"
+
+
+@pytest.mark.parametrize("new_sla_min", [5, 15, 60])
+def test_a_restart_with_another_handoff_sla_judges_the_open_orders_by_it(new_sla_min):
+    """flow.handoff_sla_s changed between runs on one recovery store: the overdue set must
+    follow the new value (it mixed both before: orders overdue under a short SLA stayed
+    open under a long one)."""
+    t0 = 1_800_000_000_000
+    c = make()
+    c.process([gi(clock=t0, handoffs=[HandoffCandidate("A", t0), HandoffCandidate("B", t0)])])
+    c.process([gi(clock=t0 + 20 * MIN, handoffs=[HandoffCandidate("C", t0 + 20 * MIN)])])
+    c.process([gi(clock=t0 + 30 * MIN)])  # A and B: 30 min; C: 10 min
+    assert c.state.overdue == {"A", "B"}  # under 15 min
+    restored = Coordinator(
+        pickle.loads(pickle.dumps(c.state)),
+        handoff_sla_ms=new_sla_min * MIN,
+        topics=OutputTopics(),
+    )
+    delta, _ = restored.process([gi(clock=t0 + 30 * MIN)])
+    waited = {"A": 30 * MIN, "B": 30 * MIN, "C": 10 * MIN}
+    assert restored.state.overdue == {o for o, w in waited.items() if w > new_sla_min * MIN}
+    closed = {k[1] for k, row in delta.get("reconciliation_exceptions", {}).items() if not row[-1]}
+    assert closed == ({"A", "B"} if new_sla_min == 60 else set())

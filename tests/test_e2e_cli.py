@@ -288,6 +288,12 @@ def test_a_resume_refuses_the_files_of_another_run(broker, world, tmp_path):
         broker, config, tmp_path / "gone.duckdb", "--until-caught-up", "--recovery-dir", b / "r"
     )
     assert r.returncode == 2 and "does not exist, but the recovery store" in r.stderr
+    # Another output topic under the same store: it would get only the rows that change.
+    moved = tmp_path / "moved.toml"
+    moved.write_text(config.read_text().replace(names["out_orders"], names["out_orders"] + ".v2"))
+    r = sferp_run(broker, moved, b / "v.duckdb", "--until-caught-up", "--recovery-dir", b / "r")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"topics.out_orders: '{names['out_orders']}.v2', but the recovery store" in r.stderr
     run_until_caught_up(broker, config, b / "v.duckdb", "--recovery-dir", str(b / "r"))
 
 
