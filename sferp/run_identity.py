@@ -139,13 +139,34 @@ def check_resume(
             f"views.path: {views_path} does not exist, but the recovery store {recovery_dir} "
             f"resumes it; restore that file, {rebuild}"
         )
-    if views_run_id(views_path) != want:
+    try:
+        found = views_run_id(views_path)
+    except duckdb.Error as exc:
+        raise ConfigError(
+            f"views.path: {views_path} cannot be read as a views file ({_first_line(exc)}); "
+            f"restore it, {rebuild}"
+        ) from None
+    if found != want:
         raise ConfigError(
             f"views.path: {views_path} was not written by the run whose recovery store is "
             f"{recovery_dir}; give that run's views file, {rebuild}"
         )
-    if mirror is not None and os.path.exists(mirror) and mirror_run_id(mirror) != want:
+    if mirror is None or not os.path.exists(mirror):
+        return
+    try:
+        found = mirror_run_id(mirror)
+    except sqlite3.Error as exc:
+        raise ConfigError(
+            f"views.path: the Kafka mirror {mirror} beside it cannot be read "
+            f"({_first_line(exc)}); restore it, {rebuild}"
+        ) from None
+    if found != want:
         raise ConfigError(
             f"views.path: the Kafka mirror {mirror} beside it was not written by the run whose "
             f"recovery store is {recovery_dir}; give that run's files, {rebuild}"
         )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -288,6 +288,13 @@ def test_a_resume_refuses_the_files_of_another_run(broker, world, tmp_path):
         broker, config, tmp_path / "gone.duckdb", "--until-caught-up", "--recovery-dir", b / "r"
     )
     assert r.returncode == 2 and "does not exist, but the recovery store" in r.stderr
+    # A damaged one: said in one line too (it was a Rust panic, then the error).
+    (tmp_path / "garbage.duckdb").write_bytes(b"not a database" * 1000)
+    r = sferp_run(
+        broker, config, tmp_path / "garbage.duckdb", "--until-caught-up", "--recovery-dir", b / "r"
+    )
+    assert r.returncode == 2 and "cannot be read as a views file" in r.stderr, r.stderr[-2000:]
+    assert "panicked" not in r.stderr
     # Another output topic under the same store: it would get only the rows that change.
     moved = tmp_path / "moved.toml"
     moved.write_text(config.read_text().replace(names["out_orders"], names["out_orders"] + ".v2"))
