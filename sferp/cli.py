@@ -56,6 +56,20 @@ def run_parser() -> argparse.ArgumentParser:
 PRIVATE_FILES = frozenset({"run", "demo", "forget", "rekey"})
 
 
+class _StoppedStarting(Exception):
+    """SIGTERM or SIGINT reached `sferp run` before the flow's own handler was installed."""
+
+
+_stop_signal: list[int] = []
+
+
+def _stop_while_starting(signum: int, _frame: object) -> None:
+    # Until the flow installs its handler (sferp/runner.py), a stop signal ends the run
+    # cleanly: what start-up did is in transactions or idempotent (store, views file).
+    _stop_signal.append(signum)
+    raise _StoppedStarting(signum)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the `sferp` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -74,18 +88,31 @@ def main(argv: Sequence[str] | None = None) -> None:
             print("sferp (version unknown: not installed)")
         raise SystemExit(0)
     cmd, rest = args[0], args[1:]
+    if cmd == "run":
+        import signal
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _stop_while_starting)
     if cmd in PRIVATE_FILES:
         # The views, recovery snapshots, extract state and audit log hold customer
         # data: what these commands create is readable by the service's user only.
         os.umask(0o077)
     try:
         code = _dispatch(cmd, rest)
+    except _StoppedStarting as e:
+        print(f"sferp {cmd}: stopped by signal {e.args[0]} while starting", file=sys.stderr)
+        code = 0
     except ConfigError as e:
         print(f"sferp {cmd}: configuration error: {e}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         code = 130
     except Exception as e:  # noqa: BLE001 - the last line of defence: one line, exit 1
+        if _stop_signal:  # a library turned the signal into its own error ("interrupted")
+            print(
+                f"sferp {cmd}: stopped by signal {_stop_signal[0]} while starting", file=sys.stderr
+            )
+            raise SystemExit(0) from None
         if os.environ.get("SFERP_DEBUG"):
             raise
         print(f"sferp {cmd}: error: {_root_message(e)}", file=sys.stderr)

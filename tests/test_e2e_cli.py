@@ -304,6 +304,30 @@ def test_a_resume_refuses_the_files_of_another_run(broker, world, tmp_path):
     run_until_caught_up(broker, config, b / "v.duckdb", "--recovery-dir", str(b / "r"))
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_while_starting_is_a_clean_exit(world, tmp_path, sig):
+    """Before the flow's own handler, SIGTERM killed the run (exit -15, no word) and SIGINT
+    gave exit 130, or exit 1 with "Query interrupted" from inside DuckDB. Here the start
+    waits on a broker that accepts connections and never answers."""
+    import socket
+
+    _, config = world
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        bootstrap = f"127.0.0.1:{silent.getsockname()[1]}"
+        cmd = [sys.executable, "-m", "sferp", "run", "--config", str(config)]
+        cmd += ["--bootstrap", bootstrap, "--views", str(tmp_path / "v.duckdb")]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(2.0)
+        assert proc.poll() is None  # still starting
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err[-2000:]
+    assert err.strip().splitlines()[-1] == f"sferp run: stopped by signal {int(sig)} while starting"
+    assert "Traceback" not in err and "panicked" not in err
+
+
 def test_a_cluster_process_waiting_for_its_peer_stops_on_sigterm(broker, world, tmp_path):
     """Bytewax holds the main thread while the cluster connects, so the flow's handler
     cannot run: before, only SIGKILL stopped a process whose peer never came."""
