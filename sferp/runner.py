@@ -168,8 +168,9 @@ def start_views_file(path: str, settings: Settings) -> None:
     write_views_file(path, [{"flow_stats": zero}])
 
 
-def check_views_path(path: str) -> None:
-    """Raise ConfigError naming `views.path` unless the views file can be opened for writing.
+def check_views_path(path: str, *, probe_lock: bool = True) -> None:
+    """Raise ConfigError naming `views.path` unless the views file can be opened for writing;
+    with `probe_lock`, also ViewsInUse while another process holds it (`_wait_unlocked`).
 
     Checked by trying (a scratch file beside it, or opening the file itself), because
     permission bits do not tell for root, read-only mounts or /proc.
@@ -181,7 +182,8 @@ def check_views_path(path: str) -> None:
         p.parent.mkdir(parents=True, exist_ok=True)
         if p.exists():
             with open(p, "r+b") as f:
-                _wait_unlocked(f.fileno(), path)
+                if probe_lock:
+                    _wait_unlocked(f.fileno(), path)
         else:
             with tempfile.NamedTemporaryFile(dir=p.parent, prefix=f".{p.name}."):
                 pass
@@ -279,6 +281,12 @@ def run_flow(settings: Settings, opts: RunOptions) -> int:
         # inside workers as a panic with a backtrace).
         from sferp.connectors.kafka import list_partitions
 
+        if opts.process_id in (None, 0):  # the process that writes the views
+            # With a recovery store its lock is probed once the store's run lock is held
+            # (below): a rolling update's second run waits there for the first to stop.
+            check_views_path(
+                opts.views_path or settings.views.path, probe_lock=not opts.recovery_dir
+            )
         list_partitions(
             settings.kafka.bootstrap,
             list(settings.topics.input_roles()),
@@ -298,7 +306,7 @@ def run_flow(settings: Settings, opts: RunOptions) -> int:
     )
     try:
         if opts.process_id in (None, 0):  # the process that writes the views
-            if opts.preflight:  # after the store's run lock: a rolling update waits there
+            if opts.preflight and opts.recovery_dir:  # after the store's run lock (above)
                 check_views_path(opts.views_path or settings.views.path)
             _prepare_views(settings, opts, resuming)
         return _run_prepared(settings, opts, recovery_config, resuming)

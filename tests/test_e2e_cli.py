@@ -328,6 +328,42 @@ def test_a_stop_signal_while_starting_is_a_clean_exit(world, tmp_path, sig):
     assert "Traceback" not in err and "panicked" not in err
 
 
+def test_a_second_run_on_the_same_files_waits_for_the_first_to_stop(broker, world, tmp_path):
+    """A rolling update starts the new process before the old one stopped. With the same
+    views file it waited 10 s on the file's lock, then stopped with exit 1; it waits on
+    the recovery store's run lock instead, and goes on once the first run stopped."""
+    names, config = world
+    produce(gen_config(names, 20, seed=4), broker.bootstrap, create_topics=False)
+    views, rec = tmp_path / "v.duckdb", str(tmp_path / "r")
+    first = subprocess.Popen(
+        [sys.executable, "-m", "sferp", "run", *run_args(broker, config, views)]
+        + ["--recovery-dir", rec],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert _wait_for(lambda: query_rows(views, "SELECT 1 AS one") is not None)
+        second = subprocess.Popen(
+            [sys.executable, "-m", "sferp", "run", *run_args(broker, config, views)]
+            + ["--recovery-dir", rec, "--until-caught-up"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(13)  # past the views file's 10 s lock wait
+        assert second.poll() is None, second.communicate()[1][-2000:]
+        stop_cleanly(first)
+        _, err = second.communicate(timeout=120)
+        assert second.returncode == 0, err[-2000:]
+        assert "another run holds" in err
+    finally:
+        for p in (first,):
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+
+
 def test_a_cluster_process_waiting_for_its_peer_stops_on_sigterm(broker, world, tmp_path):
     """Bytewax holds the main thread while the cluster connects, so the flow's handler
     cannot run: before, only SIGKILL stopped a process whose peer never came."""
