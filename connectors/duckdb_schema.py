@@ -113,6 +113,10 @@ AUDIT_COLUMNS: tuple[tuple[str, str], ...] = (
 )
 
 
+# The writer's own tables (sequence, snapshots, undo log, run id) live in this schema.
+INTERNAL_SCHEMA = "sferp_sink"
+
+
 def audit_ddl() -> str:
     """`CREATE TABLE IF NOT EXISTS audit_log (...)` (no primary key: append-only)."""
     cols = ", ".join(f"{quote(c)} {ty}" for c, ty in AUDIT_COLUMNS)

@@ -56,6 +56,7 @@ from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 from sferp.connectors.audit_log import LINEAGE, AuditLog, AuditSettings
 from sferp.connectors.duckdb_params import json_or_lists
 from sferp.connectors.duckdb_schema import (
+    INTERNAL_SCHEMA,
     PRIMARY_KEYS,
     SCHEMA,
     TABLES,
@@ -66,6 +67,7 @@ from sferp.connectors.duckdb_schema import (
 from sferp.connectors.query_server import SERVER_MAX_ROWS, QueryServer
 
 from sferp.duckdb_connect import connect, quiet
+from sferp.logfmt import first_line
 from sferp.priority import call_lowered, lower_this_thread
 
 RowValue = str | int | bool | Decimal | float | None
@@ -74,7 +76,6 @@ ViewDelta = dict[str, dict[tuple[RowValue, ...], tuple[RowValue, ...] | None]]
 
 log = logging.getLogger("sferp.views")
 
-INTERNAL_SCHEMA = "sferp_sink"
 _ROLLBACK = "_sferp_rb"
 _FEW = 2000  # batches up to this many keys per table look up before-images by row id
 # Rows per bulk statement. DuckDB parses a statement's parameters and builds its
@@ -632,8 +633,7 @@ class ViewsWriterPartition(StatefulSinkPartition[ViewDelta, int]):
             self._on_commit(meta)
 
     def _commit_failure(self, exc: BaseException) -> str:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        text = f"committing the views to {self.path} failed: {first}"
+        text = f"committing the views to {self.path} failed: {first_line(exc)}"
         if isinstance(exc, duckdb.OutOfMemoryException):
             text += (
                 f" (DuckDB's memory limit is views.memory_limit_mb = {self._memory_limit_mb};"

@@ -269,8 +269,8 @@ _MAX_TEXT_EXPONENT = 400
 _NUMBER_AFTER_KEY = re.compile(
     rb"[ \t\n\r]*:[ \t\n\r]*(-?([0-9]+)(?:\.([0-9]+))?(?:[eE]([-+]?[0-9]+))?)"
 )
-_KEY_NEEDLES: dict[str, bytes] = {}
-_LONG_AFTER_KEY: dict[str, re.Pattern[bytes]] = {}
+# key -> (its JSON text, a search for it followed by 16 digits or points)
+_LONG_AFTER_KEY: dict[str, tuple[bytes, re.Pattern[bytes]]] = {}
 
 
 def exact_number_text(raw: bytes, key: str, v: float) -> str | None:
@@ -283,16 +283,14 @@ def exact_number_text(raw: bytes, key: str, v: float) -> str | None:
     `before` image may carry the same column). Two different such texts with the same
     double (which only a crafted message has) keep the double.
     """
-    probe = _LONG_AFTER_KEY.get(key)
-    if probe is None:  # a necessary condition, found by sre's literal-prefix search
+    cached = _LONG_AFTER_KEY.get(key)
+    if cached is None:
         needle = orjson.dumps(key)
-        _KEY_NEEDLES[key] = needle
-        probe = _LONG_AFTER_KEY[key] = re.compile(
-            re.escape(needle) + rb"[ \t\n\r]*:[ \t\n\r]*-?[0-9.]{16}"
-        )
-    if probe.search(raw) is None:
+        probe = re.compile(re.escape(needle) + rb"[ \t\n\r]*:[ \t\n\r]*-?[0-9.]{16}")
+        cached = _LONG_AFTER_KEY[key] = (needle, probe)
+    needle, probe = cached
+    if probe.search(raw) is None:  # a necessary condition, by sre's literal-prefix search
         return None
-    needle = _KEY_NEEDLES[key]
     found = None
     i = raw.find(needle)
     while i >= 0:

@@ -99,24 +99,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         os.umask(0o077)
     try:
         code = _dispatch(cmd, rest)
-    except _StoppedStarting as e:
-        print(f"sferp {cmd}: stopped by signal {e.args[0]} while starting", file=sys.stderr)
-        code = 0
     except ConfigError as e:
         print(f"sferp {cmd}: configuration error: {e}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         code = 130
     except Exception as e:  # noqa: BLE001 - the last line of defence: one line, exit 1
-        if _stop_signal:  # a library turned the signal into its own error ("interrupted")
+        if _stop_signal:  # _StoppedStarting, or a library's own error for it ("interrupted")
             print(
                 f"sferp {cmd}: stopped by signal {_stop_signal[0]} while starting", file=sys.stderr
             )
-            raise SystemExit(0) from None
-        if os.environ.get("SFERP_DEBUG"):
+            code = 0
+        elif os.environ.get("SFERP_DEBUG"):
             raise
-        print(f"sferp {cmd}: error: {_root_message(e)}", file=sys.stderr)
-        code = 1
+        else:
+            print(f"sferp {cmd}: error: {_root_message(e)}", file=sys.stderr)
+            code = 1
     raise SystemExit(code)
 
 

@@ -45,13 +45,13 @@ import duckdb
 import orjson
 
 from sferp.config import ConfigError, load_settings
-from sferp.connectors.duckdb_schema import AUDIT_TABLE, quote
+from sferp.connectors.duckdb_schema import AUDIT_TABLE, INTERNAL_SCHEMA, quote
 from sferp.duckdb_connect import connect
 from sferp.sfid import to18
 from sferp.usage import OneLineParser
 from sferp.views_file import open_stopped, rewrite, tables
 
-INTERNAL = "sferp_sink"
+INTERNAL = INTERNAL_SCHEMA
 ERP_SINGLE_KEYS = {"items": "sku", "sales_orders": "order_no"}
 ERP_TABLES = ("items", "inventory", "sales_orders")
 

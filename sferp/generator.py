@@ -35,6 +35,7 @@ import orjson
 from sferp.events import RawMessage
 from sferp.generator_mix import mix
 from sferp.generator_sim import Simulation
+from sferp.logfmt import first_line
 from sferp.usage import int_between
 
 __all__ = [
@@ -456,8 +457,7 @@ def cli_generate(argv: list[str]) -> int:
             counts, where = {}, ""
             ext.run()  # type: ignore[union-attr]
     except Exception as exc:  # noqa: BLE001 - one line for the user, exit 1
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"sferp generate: {first}", file=sys.stderr)
+        print(f"sferp generate: {first_line(exc)}", file=sys.stderr)
         return 1
     total = sum(counts.values())
     took = time.monotonic() - started

@@ -32,6 +32,12 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, ensure_ascii=False, default=str)
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception in one line for a one-line error: its message's first line, or its type."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def formatter(fmt: str) -> logging.Formatter:
     """The formatter for `--log-format` (`text` or `json`)."""
     if fmt == "json":

@@ -43,7 +43,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from sferp.config import ConfigError
-from sferp.connectors.duckdb_schema import PRIMARY_KEYS, SCHEMA, TABLES
+from sferp.connectors.duckdb_schema import INTERNAL_SCHEMA, PRIMARY_KEYS, SCHEMA, TABLES
 from sferp.usage import MAX_ROWS, OneLineParser, int_between, timeout_seconds
 
 if TYPE_CHECKING:
@@ -676,7 +676,7 @@ def rekey(views_path: str, p: Protector, *, topics: dict[str, str] | None = None
             (s, t, t if s == "main" else t[len("undo_") :])
             for s, t in sorted(present)
             if (s == "main" and t in ("records", "dead_letters", *VIEW_TEXT_COLUMNS))
-            or (s == "sferp_sink" and t.startswith("undo_"))
+            or (s == INTERNAL_SCHEMA and t.startswith("undo_"))
         ]:
             cols = {"records": ["fields"], "dead_letters": ["raw"]}.get(
                 base, list(VIEW_TEXT_COLUMNS.get(base, ()))

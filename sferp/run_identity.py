@@ -23,10 +23,11 @@ from typing import Any
 import duckdb
 
 from sferp.config import ConfigError
+from sferp.connectors.duckdb_schema import INTERNAL_SCHEMA
 from sferp.duckdb_connect import connect
+from sferp.logfmt import first_line
 
 STORE_FILE = ".sferp-run-id"  # in the recovery dir, beside Bytewax's partitions
-_SCHEMA = "sferp_sink"  # the views file's internal schema (connectors/duckdb_views.py)
 
 
 def new_run_id() -> str:
@@ -37,18 +38,19 @@ def new_run_id() -> str:
 def stamp_views(path: str, run_id: str) -> None:
     """Record `run_id` in the views file (which exists: the run just emptied it)."""
     with connect(path, config={"enable_external_access": False}) as con:
-        con.execute(f"CREATE SCHEMA IF NOT EXISTS {_SCHEMA}")
+        con.execute(f"CREATE SCHEMA IF NOT EXISTS {INTERNAL_SCHEMA}")
         con.execute(
-            f"CREATE TABLE IF NOT EXISTS {_SCHEMA}.run (id INTEGER PRIMARY KEY, run_id VARCHAR)"
+            f"CREATE TABLE IF NOT EXISTS {INTERNAL_SCHEMA}.run "
+            "(id INTEGER PRIMARY KEY, run_id VARCHAR)"
         )
-        con.execute(f"INSERT OR REPLACE INTO {_SCHEMA}.run VALUES (1, ?)", [run_id])
+        con.execute(f"INSERT OR REPLACE INTO {INTERNAL_SCHEMA}.run VALUES (1, ?)", [run_id])
 
 
 def views_run_id(path: str) -> str | None:
     """The id a views file was stamped with; None when it has none."""
     with connect(path, read_only=True, config={"enable_external_access": False}) as con:
         try:
-            row = con.execute(f"SELECT run_id FROM {_SCHEMA}.run").fetchone()
+            row = con.execute(f"SELECT run_id FROM {INTERNAL_SCHEMA}.run").fetchone()
         except duckdb.CatalogException:
             return None
     return None if row is None else str(row[0])
@@ -143,7 +145,7 @@ def check_resume(
         found = views_run_id(views_path)
     except duckdb.Error as exc:
         raise ConfigError(
-            f"views.path: {views_path} cannot be read as a views file ({_first_line(exc)}); "
+            f"views.path: {views_path} cannot be read as a views file ({first_line(exc)}); "
             f"restore it, {rebuild}"
         ) from None
     if found != want:
@@ -158,15 +160,10 @@ def check_resume(
     except sqlite3.Error as exc:
         raise ConfigError(
             f"views.path: the Kafka mirror {mirror} beside it cannot be read "
-            f"({_first_line(exc)}); restore it, {rebuild}"
+            f"({first_line(exc)}); restore it, {rebuild}"
         ) from None
     if found != want:
         raise ConfigError(
             f"views.path: the Kafka mirror {mirror} beside it was not written by the run whose "
             f"recovery store is {recovery_dir}; give that run's files, {rebuild}"
         )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
