@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -35,9 +36,22 @@ def new_run_id() -> str:
     return uuid.uuid4().hex
 
 
+def _open(path: str, *, read_only: bool, wait_s: float = 10.0) -> duckdb.DuckDBPyConnection:
+    """Open the views file, waiting up to `wait_s` while another process holds its lock
+    (a `sferp query` reads the file for a moment before the writer serves it)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return connect(path, read_only=read_only, config={"enable_external_access": False})
+        except duckdb.IOException as exc:
+            if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 def stamp_views(path: str, run_id: str) -> None:
     """Record `run_id` in the views file (which exists: the run just emptied it)."""
-    with connect(path, config={"enable_external_access": False}) as con:
+    with _open(path, read_only=False) as con:
         con.execute(f"CREATE SCHEMA IF NOT EXISTS {INTERNAL_SCHEMA}")
         con.execute(
             f"CREATE TABLE IF NOT EXISTS {INTERNAL_SCHEMA}.run "
@@ -48,7 +62,7 @@ def stamp_views(path: str, run_id: str) -> None:
 
 def views_run_id(path: str) -> str | None:
     """The id a views file was stamped with; None when it has none."""
-    with connect(path, read_only=True, config={"enable_external_access": False}) as con:
+    with _open(path, read_only=True) as con:
         try:
             row = con.execute(f"SELECT run_id FROM {INTERNAL_SCHEMA}.run").fetchone()
         except duckdb.CatalogException:
@@ -102,7 +116,7 @@ def read_store(recovery_dir: str) -> dict[str, Any] | None:
 
 
 def stamp_all(
-    views_path: str, mirror: str | None, recovery_dir: str | None, topics: dict[str, str]
+    views_path: str, mirror: str | None, recovery_dir: str, topics: dict[str, str]
 ) -> str:
     """Stamp a fresh start's views file, mirror and store with one new id (the store last:
     a crash before it leaves a store without snapshots, which starts afresh again)."""
@@ -110,8 +124,7 @@ def stamp_all(
     stamp_views(views_path, run_id)
     if mirror is not None:
         stamp_mirror(mirror, run_id)
-    if recovery_dir is not None:
-        stamp_store(recovery_dir, run_id, topics)
+    stamp_store(recovery_dir, run_id, topics)
     return run_id
 
 

@@ -151,7 +151,8 @@ def _prepare_views(settings: Settings, opts: RunOptions, resuming: bool) -> None
         check_resume(views, mirror, opts.recovery_dir, topics)  # type: ignore[arg-type]
     else:
         start_views_file(views, settings)
-        stamp_all(views, mirror, opts.recovery_dir, topics)
+        if opts.recovery_dir:  # only a resume checks the stamps
+            stamp_all(views, mirror, opts.recovery_dir, topics)
 
 
 def start_views_file(path: str, settings: Settings) -> None:
